@@ -1,0 +1,27 @@
+"""The ``dscompile`` logger; its level comes from ``DSCOMPILE_LOG`` (debug, info, warning, error)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def configure(level: str | None = None) -> logging.Logger:
+    """Set the logger's level from ``level`` or ``DSCOMPILE_LOG``; add a stderr handler once when set."""
+    log = logging.getLogger("dscompile")
+    name = (level or os.environ.get("DSCOMPILE_LOG", "")).strip().lower()
+    if not name:
+        if not log.handlers:
+            log.addHandler(logging.NullHandler())
+        return log
+    if name not in LEVELS:
+        log.warning("DSCOMPILE_LOG=%r is not a level; use one of %s", name, ", ".join(LEVELS))
+        return log
+    log.setLevel(LEVELS[name])
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.NullHandler) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s dscompile %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    return log

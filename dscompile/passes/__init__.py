@@ -1,0 +1,1 @@
+"""Graph rewrites, one per file; the manager runs them in order."""

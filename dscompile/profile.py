@@ -1,0 +1,173 @@
+"""Profiles: which rewrites to apply and how, as presets or a TOML/YAML file, validated before any work."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from .errors import ConfigError
+
+
+def _check_fields(cls: type, data: dict[str, Any], where: str) -> None:
+    valid = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; valid fields: {', '.join(valid)}")
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention: K/V come from one latent per token (``kv_ratio`` of the KV bytes kept)."""
+
+    kv_ratio: float = 0.5
+    rope_mode: str = "reconstruct"  # "reconstruct" or "absorb"
+    refine: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.kv_ratio < 1.0:
+            raise ConfigError(f"mla.kv_ratio must be in (0, 1) (fraction of KV bytes kept), got {self.kv_ratio}")
+        if self.rope_mode not in ("reconstruct", "absorb"):
+            raise ConfigError(f"mla.rope_mode must be 'reconstruct' or 'absorb', got {self.rope_mode!r}")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Mixture of experts carved from each dense FFN: ``n_shared`` always on, ``top_k`` of the rest routed."""
+
+    n_experts: int = 64
+    n_shared: int = 8
+    top_k: int = 24
+
+    def __post_init__(self) -> None:
+        if self.n_experts < 2:
+            raise ConfigError(f"moe.n_experts must be at least 2, got {self.n_experts}")
+        if not 0 <= self.n_shared < self.n_experts:
+            raise ConfigError(
+                f"moe.n_shared must be in [0, n_experts) = [0, {self.n_experts}), got {self.n_shared}"
+            )
+        routed = self.n_experts - self.n_shared
+        if not 1 <= self.top_k <= routed:
+            raise ConfigError(
+                f"moe.top_k must be between 1 and the routed expert count {routed} "
+                f"(n_experts - n_shared), got {self.top_k}"
+            )
+
+    @property
+    def active_fraction(self) -> float:
+        return (self.n_shared + self.top_k) / self.n_experts
+
+
+@dataclass(frozen=True)
+class MTPConfig:
+    """Multi-token prediction: ``depth`` extra heads draft tokens t+2 ... t+1+depth."""
+
+    depth: int = 3
+    head: str = "deepseek"  # "deepseek" (norm + concat + block) or "medusa" (residual head)
+
+    def __post_init__(self) -> None:
+        if self.depth < 1:
+            raise ConfigError(f"mtp.depth must be at least 1, got {self.depth}")
+        if self.head not in ("deepseek", "medusa"):
+            raise ConfigError(f"mtp.head must be 'deepseek' or 'medusa', got {self.head!r}")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Which rewrites to apply; a field is None when that rewrite is off."""
+
+    mla: MLAConfig | None = None
+    moe: MoEConfig | None = None
+    mtp: MTPConfig | None = None
+    name: str = field(default="custom", compare=False)
+
+    @property
+    def rewrites(self) -> list[str]:
+        return [n for n in ("mla", "moe", "mtp") if getattr(self, n) is not None]
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name}
+        for n in ("mla", "moe", "mtp"):
+            cfg = getattr(self, n)
+            out[n] = dataclasses.asdict(cfg) if cfg is not None else None
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, name: str = "custom") -> Profile:
+        """Build from a mapping such as a parsed profile file; unknown keys are errors naming the valid ones."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a profile must be a mapping, got {type(data).__name__}")
+        _check_fields(cls, data, "profile")
+        parts: dict[str, Any] = {}
+        for key, config_cls in (("mla", MLAConfig), ("moe", MoEConfig), ("mtp", MTPConfig)):
+            sub = data.get(key)
+            if sub is None or sub is False:
+                continue
+            if sub is True:
+                sub = {}
+            if not isinstance(sub, dict):
+                raise ConfigError(f"profile.{key} must be a table of settings, got {type(sub).__name__}")
+            _check_fields(config_cls, sub, f"profile.{key}")
+            try:
+                parts[key] = config_cls(**sub)
+            except TypeError as exc:
+                raise ConfigError(f"profile.{key}: {exc}") from exc
+        return cls(**parts, name=str(data.get("name", name)))
+
+
+PRESETS: dict[str, Profile] = {
+    "none": Profile(name="none"),
+    "mla": Profile(mla=MLAConfig(kv_ratio=0.5), name="mla"),
+    "moe": Profile(moe=MoEConfig(n_experts=64, n_shared=8, top_k=24), name="moe"),
+    "mtp": Profile(mtp=MTPConfig(depth=3), name="mtp"),
+    "balanced": Profile(mla=MLAConfig(kv_ratio=0.5), moe=MoEConfig(64, 8, 24), mtp=MTPConfig(3), name="balanced"),
+    "aggressive": Profile(mla=MLAConfig(kv_ratio=0.25), moe=MoEConfig(64, 4, 12), mtp=MTPConfig(4),
+                          name="aggressive"),
+}
+
+
+def load_profile_file(path: str | Path) -> Profile:
+    """Read a profile from TOML (``.toml``), YAML (``.yaml``/``.yml``, needs PyYAML) or JSON."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"profile file {p} does not exist")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"profile file {p}: use a .toml, .yaml, .yml or .json file")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"profile file {p} could not be parsed: {exc}") from exc
+    return Profile.from_dict(data or {}, name=p.stem)
+
+
+def resolve_profile(profile: Profile | str | dict[str, Any] | None) -> Profile:
+    """A Profile from a Profile, a preset name, a profile file path or a mapping."""
+    if profile is None:
+        return PRESETS["none"]
+    if isinstance(profile, Profile):
+        return profile
+    if isinstance(profile, dict):
+        return Profile.from_dict(profile)
+    if isinstance(profile, str):
+        if profile in PRESETS:
+            return PRESETS[profile]
+        if profile.endswith((".toml", ".yaml", ".yml", ".json")):
+            return load_profile_file(profile)
+        raise ConfigError(
+            f"unknown profile {profile!r}; presets: {', '.join(PRESETS)} (or a path to a .toml/.yaml profile file)"
+        )
+    raise ConfigError(f"profile must be a Profile, a preset name or a file path, not {type(profile).__name__}")
