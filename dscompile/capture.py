@@ -277,8 +277,10 @@ def split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     )
 
 
-def _dynamic_shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
-    """Batch and sequence dims of every 2-D+ integer/float input are dynamic (``Dim.AUTO``)."""
+def _dynamic_shapes(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Batch and sequence dims of every 2-D+ tensor input are dynamic (``Dim.AUTO``), keyed by parameter name."""
+    import inspect
+
     from torch.export import Dim
 
     def spec(value: Any) -> Any:
@@ -286,9 +288,11 @@ def _dynamic_shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any,
             return {0: Dim.AUTO, 1: Dim.AUTO}
         return None
 
-    if kwargs and not args:
-        return {k: spec(v) for k, v in kwargs.items()}
-    return tuple(spec(a) for a in args)
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise CaptureError(f"example inputs do not fit {type(model).__name__}.forward: {exc}") from exc
+    return {name: spec(value) for name, value in bound.arguments.items()}
 
 
 def capture_export(model: torch.nn.Module, example_inputs: Any, *, dynamic: bool = False) -> CapturedGraph:
@@ -296,7 +300,7 @@ def capture_export(model: torch.nn.Module, example_inputs: Any, *, dynamic: bool
     check_model(model)
     args, kwargs = split_inputs(example_inputs)
     kwargs = _prefer_no_cache(model, kwargs)
-    shapes = _dynamic_shapes(args, kwargs) if dynamic else None
+    shapes = _dynamic_shapes(model, args, kwargs) if dynamic else None
     try:
         with torch.no_grad():
             ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
