@@ -14,6 +14,7 @@ from .capture import from_dynamo
 from .errors import ConfigError
 from .lower import TARGETS, lower_graph
 from .passes.base import PassContext
+from .passes.cleanup import cleanup
 from .passes.manager import check_supported, run_passes
 from .patterns import match_all
 from .profile import Profile, resolve_profile
@@ -62,6 +63,7 @@ def deepseek_opt(
     check_supported(profile)
     session = opts.session if opts.session is not None else last_session()
     start = time.perf_counter()
+    cleanup(gm)  # dead nodes out first, so the diff shows what the passes did and nothing else
     captured = from_dynamo(gm, example_inputs)
     before = captured.snapshot()
     matches = match_all(captured)

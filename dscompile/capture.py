@@ -12,7 +12,7 @@ import contextlib
 import copy
 import logging
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,14 +83,8 @@ class CapturedGraph:
         return total
 
     def param_count(self) -> int:
-        seen: set[int] = set()
-        total = 0
-        for ref in self.weights.values():
-            if ref.tensor is None or id(ref.tensor) in seen or not ref.tensor.is_floating_point():
-                continue
-            seen.add(id(ref.tensor))
-            total += ref.tensor.numel()
-        return total
+        """Parameters (not buffers such as RoPE tables) the graph reads, tied ones counted once."""
+        return count_params(self.weights.values())
 
     def runnable(self) -> bool:
         """True when every placeholder has a value, so the graph can be interpreted."""
@@ -126,6 +120,17 @@ class _RecordingInterpreter(torch.fx.Interpreter):
         with torch.no_grad():
             self.run(*inputs)
         return self.recorded
+
+
+def count_params(refs: Iterable[WeightRef]) -> int:
+    """Elements of the distinct ``nn.Parameter`` tensors among ``refs``."""
+    seen: set[int] = set()
+    total = 0
+    for ref in refs:
+        if isinstance(ref.tensor, torch.nn.Parameter) and id(ref.tensor) not in seen:
+            seen.add(id(ref.tensor))
+            total += ref.tensor.numel()
+    return total
 
 
 def node_value(node: object) -> Any:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .accounting import active_params_per_token
+from .capture import count_params
 from .diff import GraphDiff
 from .passes.base import PassResult
 from .patterns import MatchSet
@@ -14,16 +15,7 @@ from .session import CompileSession
 
 
 def _distinct_params(graphs: list[Any], attr: str) -> int:
-    seen: set[int] = set()
-    total = 0
-    for g in graphs:
-        for ref in getattr(g, attr).weights.values():
-            t = ref.tensor
-            if t is None or id(t) in seen or not t.is_floating_point():
-                continue
-            seen.add(id(t))
-            total += t.numel()
-    return total
+    return count_params(ref for g in graphs for ref in getattr(g, attr).weights.values())
 
 
 @dataclass

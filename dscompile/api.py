@@ -1,0 +1,109 @@
+"""The user-facing entry points: ``optimize`` (compile a model per profile) and ``inspect`` (what would match)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+
+from .backend import deepseek_opt
+from .capture import capture_dynamo, capture_export, check_model, split_inputs
+from .data import token_batches, token_count
+from .errors import ConfigError
+from .lower import TARGETS
+from .passes.manager import check_supported
+from .patterns import MatchSet, match_all
+from .profile import Profile, resolve_profile
+from .report import Report
+from .session import CompileSession
+
+log = logging.getLogger("dscompile")
+
+MIN_CALIBRATION_TOKENS = 2048
+
+
+class OptimizedModel(torch.nn.Module):
+    """An ``nn.Module`` whose forward runs the compiled, rewritten program and returns what the original returns.
+
+    The program is frozen to the weights it saw when it was compiled (DESIGN decision 3): after changing the
+    original's weights, call :func:`optimize` again.
+    """
+
+    def __init__(self, model: torch.nn.Module, profile: Profile, *, lower: str = "inductor",
+                 fallback: bool = False, dynamic: bool | None = None):
+        super().__init__()
+        self.original = model
+        self.profile = profile
+        self.lower = lower
+        self.session = CompileSession()
+        options = {"profile": profile, "lower": lower, "fallback": fallback, "session": self.session}
+        backend = functools.partial(deepseek_opt, options=options)
+        self._compiled = torch.compile(model, backend=backend, dynamic=dynamic)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._compiled(*args, **kwargs)
+
+    @property
+    def config(self) -> Any:
+        """The original model's config (Hugging Face models), so code that reads ``model.config`` keeps working."""
+        return getattr(self.original, "config", None)
+
+    def report(self) -> Report:
+        """What the compile matched and rewrote; available after the first call (``optimize`` makes one)."""
+        return Report.from_session(self.session, self.profile)
+
+    def matches(self) -> MatchSet:
+        return self.session.matches()
+
+
+def optimize(
+    model: torch.nn.Module,
+    profile: Profile | str | dict[str, Any] | None = "none",
+    calibration: Any = None,
+    example_inputs: Any = None,
+    *,
+    tokenizer: Any = None,
+    lower: str = "inductor",
+    fallback: bool = False,
+    dynamic: bool | None = None,
+) -> OptimizedModel:
+    """Compile ``model`` with the ``deepseek_opt`` backend under ``profile`` and run it once on the example inputs.
+
+    ``calibration`` is token data (a LongTensor, a list of them, or texts with ``tokenizer=``); when
+    ``example_inputs`` is missing its first rows serve as the example. Everything is validated before any work.
+    """
+    check_model(model)
+    resolved = resolve_profile(profile)
+    check_supported(resolved)
+    if lower not in TARGETS:
+        raise ConfigError(f"unknown lower={lower!r}; valid targets: {', '.join(TARGETS)}")
+    batches = token_batches(calibration, tokenizer) if calibration is not None else None
+    if batches is not None and resolved.rewrites and token_count(batches) < MIN_CALIBRATION_TOKENS:
+        log.warning("calibration holds %d tokens; lossy rewrites want at least %d for stable statistics",
+                    token_count(batches), MIN_CALIBRATION_TOKENS)
+    if example_inputs is None and batches is not None:
+        example_inputs = batches[0][:1, :128]
+    args, kwargs = split_inputs(example_inputs)
+    optimized = OptimizedModel(model, resolved, lower=lower, fallback=fallback, dynamic=dynamic)
+    with torch.no_grad():
+        optimized(*args, **kwargs)
+    report = optimized.report()
+    log.info("optimize: profile %s, %s", resolved.name, report.matches)
+    return optimized
+
+
+def inspect(model: torch.nn.Module, example_inputs: Any, *, path: str = "export", dynamic: bool = False) -> MatchSet:
+    """What the matchers find in ``model``: ``.attention``, ``.ffn``, ``.lm_head`` and ``.near_misses``.
+
+    ``path`` is ``"export"`` (``torch.export``, ATen IR) or ``"dynamo"`` (the graphs ``torch.compile`` sees).
+    """
+    if path == "export":
+        return match_all(capture_export(model, example_inputs, dynamic=dynamic))
+    if path == "dynamo":
+        merged = MatchSet()
+        for graph in capture_dynamo(model, example_inputs, dynamic=dynamic):
+            merged.extend(match_all(graph))
+        return merged
+    raise ConfigError(f"unknown capture path {path!r}; valid paths: export, dynamo")

@@ -1,0 +1,157 @@
+"""The ``dscompile`` command line: ``inspect``, ``optimize`` (the main job) and ``export-onnx``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import DscompileError
+
+log = logging.getLogger("dscompile")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dscompile", description=__doc__)
+    parser.add_argument("--log", default=None, help="log level: debug, info, warning, error (or DSCOMPILE_LOG)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default="smollm2", help="an embedded model name or a local HF checkpoint dir")
+        p.add_argument("--json", dest="json_path", default=None, help="also write the result as JSON here")
+
+    p_inspect = sub.add_parser("inspect", help="print a per-layer table of matches and near-misses")
+    model_args(p_inspect)
+    p_inspect.add_argument("--path", choices=("export", "dynamo"), default="export", help="capture path")
+
+    p_opt = sub.add_parser("optimize", help="compile a model under a profile and compare it with the original")
+    model_args(p_opt)
+    p_opt.add_argument("--profile", default="none", help="a preset name or a .toml/.yaml profile file")
+    p_opt.add_argument("--lower", default="inductor", choices=("inductor", "eager", "tensorrt"))
+    p_opt.add_argument("--window", type=int, default=256, help="tokens per perplexity window")
+    p_opt.add_argument("--windows", type=int, default=8, help="held-out windows to measure perplexity on")
+
+    p_onnx = sub.add_parser("export-onnx", help="export token ids -> logits to ONNX, checked in onnxruntime")
+    model_args(p_onnx)
+    p_onnx.add_argument("--out", required=True, help="the .onnx file to write")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the process exit code (errors dscompile raises on purpose give 2)."""
+    args = _parser().parse_args(argv)
+    from .log import configure
+
+    configure(args.log or "info")
+    try:
+        result = _COMMANDS[args.command](args)
+    except DscompileError as exc:
+        print(f"dscompile: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+        print(f"wrote {args.json_path}")
+    return 0
+
+
+def _load(name: str) -> tuple[torch.nn.Module, Any]:
+    from . import models
+
+    start = time.perf_counter()
+    model, tokenizer = models.load(name)
+    log.info("loaded %s in %.1f s", name, time.perf_counter() - start)
+    return model, tokenizer
+
+
+def _example(tokenizer: Any) -> torch.Tensor:
+    text = "The quick brown fox jumps over the lazy dog because it wants to see the river."
+    if tokenizer is None:
+        return torch.arange(1, 17).unsqueeze(0)
+    return torch.tensor([tokenizer(text)["input_ids"]], dtype=torch.long)
+
+
+def _inspect(args: argparse.Namespace) -> dict[str, Any]:
+    from .api import inspect
+
+    model, tokenizer = _load(args.model)
+    matches = inspect(model, _example(tokenizer), path=args.path)
+    print(matches.table())
+    counts = matches.counts()
+    print(f"\n{counts['attention']} attention, {counts['ffn']} FFN, {counts['lm_head']} LM head, "
+          f"{len(matches.near_misses)} near-miss(es)")
+    return matches.to_dict()
+
+
+def _heldout_windows(tokenizer: Any, window: int, count: int) -> list[torch.Tensor]:
+    from .evaluate import windows
+    from .models import heldout_text
+
+    if tokenizer is None:
+        raise DscompileError("the model has no tokenizer, so there is no text to measure perplexity on")
+    ids = torch.tensor(tokenizer(heldout_text(max_chars=window * count * 8))["input_ids"], dtype=torch.long)
+    return windows(ids, window, count)
+
+
+def _measure(name: str, model: Any, batches: list[torch.Tensor]) -> dict[str, float]:
+    from tqdm import tqdm
+
+    from .evaluate import perplexity, tokens_per_second
+
+    with tqdm(total=len(batches), desc=f"perplexity ({name})", unit="window", file=sys.stderr) as bar:
+        ppl = perplexity(model, batches, progress=bar.update)
+    return {"perplexity": ppl, "tokens_per_s": tokens_per_second(model, batches[0])}
+
+
+def _optimize(args: argparse.Namespace) -> dict[str, Any]:
+    from .api import optimize
+    from .profile import resolve_profile
+
+    profile = resolve_profile(args.profile)  # a bad profile fails before the model loads
+    model, tokenizer = _load(args.model)
+    batches = _heldout_windows(tokenizer, args.window, args.windows)
+    before = _measure("original", model, batches)
+    log.info("compiling with %s (Inductor takes a minute or two on a CPU)", args.lower)
+    start = time.perf_counter()
+    optimized = optimize(model, profile, example_inputs=batches[0], tokenizer=tokenizer, lower=args.lower)
+    compile_s = time.perf_counter() - start
+    after = _measure("optimized", optimized, batches)
+    report = optimized.report().to_dict()
+    print(optimized.report().diff)
+    rows = [
+        ("perplexity (held-out)", before["perplexity"], after["perplexity"], "{:.3f}"),
+        (f"forward tokens/s ({args.window} tokens)", before["tokens_per_s"], after["tokens_per_s"], "{:.0f}"),
+        ("KV bytes per token", report["kv_bytes_per_token_before"], report["kv_bytes_per_token_after"], "{:,}"),
+        ("parameters", report["params_before"], report["params_after"], "{:,}"),
+    ]
+    print(f"\nprofile {profile.name}, lowered with {args.lower}, compiled in {compile_s:.1f} s")
+    print(f"{'metric':<34}{'original':>14}{'optimized':>14}{'change':>10}")
+    for label, b, a, fmt in rows:
+        change = f"{(a / b - 1) * 100:+.2f}%" if b else "n/a"
+        print(f"{label:<34}{fmt.format(b):>14}{fmt.format(a):>14}{change:>10}")
+    return {"profile": profile.to_dict(), "before": before, "after": after, "compile_seconds": compile_s,
+            "report": report}
+
+
+def _export_onnx(args: argparse.Namespace) -> dict[str, Any]:
+    from .lower.onnx import export_onnx
+
+    model, tokenizer = _load(args.model)
+    checks = export_onnx(model, args.out, example_inputs=_example(tokenizer))
+    for c in checks:
+        print(f"onnxruntime shape {c.shape}: max abs diff {c.max_abs_diff:.2e}")
+    print(f"wrote {args.out}")
+    return {"path": args.out, "checks": [{"shape": list(c.shape), "max_abs_diff": c.max_abs_diff} for c in checks]}
+
+
+_COMMANDS = {"inspect": _inspect, "optimize": _optimize, "export-onnx": _export_onnx}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
