@@ -118,7 +118,7 @@ def _scale_k(gm, ctx: PassContext) -> PassResult:
         k = attn.k.node
         with gm.graph.inserting_after(k):
             mul = gm.graph.call_function(torch.mul, (k, 1.0))
-        k.replace_all_uses_with(mul, delete_user_cb=lambda n: n is not mul)
+        k.replace_all_uses_with(mul, delete_user_cb=lambda n, new=mul: n is not new)
     gm.recompile()
     return PassResult("mla", gm, rewrites=len(ctx.matches.attention))
 
@@ -127,7 +127,7 @@ def _explode(gm, ctx):
     for node in gm.graph.find_nodes(op="call_function", target=torch.nn.functional.embedding):  # damage, then fail
         with gm.graph.inserting_after(node):
             neg = gm.graph.call_function(torch.neg, (node,))
-        node.replace_all_uses_with(neg, delete_user_cb=lambda n: n is not neg)
+        node.replace_all_uses_with(neg, delete_user_cb=lambda n, new=neg: n is not new)
     raise RuntimeError("boom")
 
 
