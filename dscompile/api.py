@@ -11,7 +11,7 @@ import torch
 from .backend import deepseek_opt
 from .capture import capture_dynamo, capture_export, check_model, split_inputs
 from .data import token_batches, token_count
-from .errors import ConfigError
+from .errors import ConfigError, MatchError
 from .lower import TARGETS
 from .passes.manager import check_supported
 from .patterns import MatchSet, match_all
@@ -89,9 +89,29 @@ def optimize(
     optimized = OptimizedModel(model, resolved, lower=lower, fallback=fallback, dynamic=dynamic)
     with torch.no_grad():
         optimized(*args, **kwargs)
-    report = optimized.report()
-    log.info("optimize: profile %s, %s", resolved.name, report.matches)
+    matches = optimized.matches()
+    check_causal_lm(model, matches)
+    log.info("optimize: profile %s, %s", resolved.name, matches)
     return optimized
+
+
+def check_causal_lm(model: torch.nn.Module, matches: MatchSet) -> None:
+    """``optimize`` is for causal language models: say plainly when the model is something else."""
+    name = type(model).__name__
+    if not matches.attention:
+        misses = "; ".join(f"{m.node}: {m.reason}" for m in matches.near_misses if m.kind == "attention")
+        raise MatchError(
+            f"no attention was found in {name}, so it is not a transformer language model dscompile can optimize"
+            + (f" (near-misses: {misses})" if misses else "")
+            + "; run dscompile.inspect(model, example_inputs) to see what the matchers saw"
+        )
+    if not matches.lm_head:
+        raise MatchError(f"{name} has attention but no LM head (a projection onto the vocabulary): dscompile "
+                         "optimizes causal language models whose forward returns logits")
+    bidirectional = [a.layer for a in matches.attention if a.causal is False]
+    if bidirectional:
+        raise MatchError(f"{name} is not a causal language model: attention in {', '.join(bidirectional[:3])} "
+                         "sees future tokens (no causal mask)")
 
 
 def inspect(model: torch.nn.Module, example_inputs: Any, *, path: str = "export", dynamic: bool = False) -> MatchSet:

@@ -124,3 +124,36 @@ def test_models_attribute_is_lazy():
     assert dscompile.models.__name__ == "dscompile.models"
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         dscompile.nothing  # noqa: B018
+
+
+def _bert_like():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, attn_implementation="sdpa")
+    return BertModel(cfg).eval()
+
+
+class _EncoderWithHead(torch.nn.Module):
+    """Bidirectional attention plus a vocabulary projection: has everything but causality."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(VOCAB, 32)
+        self.qkv = torch.nn.Linear(32, 96)
+        self.head = torch.nn.Linear(32, VOCAB, bias=False)
+
+    def forward(self, ids):
+        q, k, v = self.qkv(self.emb(ids)).unsqueeze(1).chunk(3, dim=-1)
+        return self.head(torch.nn.functional.scaled_dot_product_attention(q, k, v).squeeze(1))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: torch.nn.Sequential(torch.nn.Embedding(VOCAB, 8), torch.nn.Linear(8, VOCAB)), "no attention was found"),
+    (_bert_like, "no LM head"),
+    (_EncoderWithHead, "not a causal language model"),
+])
+def test_models_that_are_not_causal_lms(make, message):
+    with pytest.raises(dscompile.MatchError, match=message):
+        dscompile.optimize(make(), example_inputs=ids(), lower="eager")
