@@ -62,7 +62,8 @@ def _eager_anchor(cg: CapturedGraph, softmax: Node) -> _Anchor | str:
     if len(back.found) != 1:
         return "softmax is not fed by one Q @ K^T matmul"
     fwd = walk_forward(softmax, stop=lambda n: _is_weightless_matmul(cg, n),
-                       through=lambda n: ops.op_class(n) in (ops.DROPOUT, ops.CAST, ops.VIEW), limit=16)
+                       through=lambda n: n is softmax or ops.op_class(n) in (ops.DROPOUT, ops.CAST, ops.VIEW),
+                       limit=16)
     if len(fwd.found) != 1:
         return "softmax output does not feed one probs @ V matmul"
     scores, out = back.found[0], fwd.found[0]
@@ -71,19 +72,35 @@ def _eager_anchor(cg: CapturedGraph, softmax: Node) -> _Anchor | str:
     if out.args[0] not in fwd.visited and out.args[0] is not softmax:
         return "softmax output is not the left operand of the value matmul"
     anchor = _Anchor("eager", out, out, q, k, out.args[1])
-    anchor.chain = [scores, *back.visited, softmax, *fwd.visited]
-    for node in back.visited:
+    chain = _score_chain(scores, back.visited)
+    anchor.chain = [scores, *chain, softmax, *fwd.visited]
+    for node in chain:
         cls = ops.op_class(node)
         if cls == ops.ADD:
-            other = [a for a in node.args[:2] if isinstance(a, Node) and a not in back.visited and a is not scores]
-            if other and shape(other[0]) and len(shape(other[0]) or ()) >= 2:
+            other = [a for a in node.args[:2] if isinstance(a, Node) and a not in chain and a is not scores]
+            if other and len(shape(other[0]) or ()) >= 2:
                 anchor.mask = MaskProbe(other[0], "additive")
         elif cls == ops.MASKED_FILL and isinstance(arg(node, 1, "mask"), Node):
             anchor.mask = MaskProbe(arg(node, 1, "mask"), "block")  # type: ignore[arg-type]
         elif cls == ops.WHERE and isinstance(node.args[0], Node):
-            on_chain = node.args[1] in back.visited or node.args[1] is scores
+            on_chain = node.args[1] in chain or node.args[1] is scores
             anchor.mask = MaskProbe(node.args[0], "allow" if on_chain else "block")
     return anchor
+
+
+def _score_chain(scores: Node, visited: list[Node]) -> list[Node]:
+    """The nodes between the scores matmul and softmax; the walk back also passed through the mask's own
+    construction (a cast of an additive mask), which must not be mistaken for the scores path."""
+    between = set(visited)
+    on_path: set[Node] = set()
+    frontier = [scores]
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user in between and user not in on_path:
+                on_path.add(user)
+                frontier.append(user)
+    return [n for n in visited if n in on_path]
 
 
 def _projection_walk(cg: CapturedGraph, start: object) -> Walk:
