@@ -7,7 +7,7 @@ from torch.fx import Node
 from ..capture import CapturedGraph, WeightRef
 from . import ops
 from .match import LMHeadMatch, NearMiss
-from .walk import linear_info, walk_back, walk_forward
+from .walk import linear_info, module_path, shape, walk_back, walk_forward
 
 
 def token_embedding(cg: CapturedGraph) -> WeightRef | None:
@@ -31,6 +31,13 @@ def _same_tensor(a: WeightRef, b: WeightRef) -> bool:
     return a.tensor.data_ptr() == b.tensor.data_ptr()
 
 
+def _drops_positions(node: Node) -> bool:
+    """True for a slice that keeps fewer positions than it gets; HF's ``logits_to_keep=0`` slice keeps all."""
+    before = shape(node.args[0]) if node.args else None
+    after = shape(node)
+    return before is not None and after is not None and before != after
+
+
 def match_lm_head(cg: CapturedGraph) -> tuple[list[LMHeadMatch], list[NearMiss]]:
     projections = [info for n in cg.graph.nodes if (info := linear_info(cg, n)) is not None]
     if not projections:
@@ -52,9 +59,12 @@ def match_lm_head(cg: CapturedGraph) -> tuple[list[LMHeadMatch], list[NearMiss]]
                        through=lambda n: n is head.node or ops.op_class(n) in (*shape_ops, ops.DIV, ops.MUL),
                        limit=8)
     tied = embedding is not None and _same_tensor(head.weight, embedding)
+    # A tied head's weight may be named after the embedding (Dynamo lifts it once); the caller module is not.
+    layer = (module_path(head.node) if tied else None) or head.name
     nodes: list[Node] = [head.node]
     return [LMHeadMatch(
-        layer=head.name, linear=head, vocab_size=vocab, hidden_size=head.in_features, tied=tied,
-        tied_to=embedding.name if tied and embedding is not None else None, sliced=bool(back.found),
+        layer=layer, linear=head, vocab_size=vocab, hidden_size=head.in_features, tied=tied,
+        tied_to=embedding.name if tied and embedding is not None else None,
+        sliced=any(_drops_positions(n) for n in back.found),
         softcap=bool(fwd.found), nodes=nodes,
     )], []

@@ -7,6 +7,7 @@ softmax, embeddings). Walks are breadth-first and bounded so a strange graph can
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -203,6 +204,24 @@ def linear_info(cg: CapturedGraph, node: Node) -> LinearInfo | None:
 def is_projection(cg: CapturedGraph) -> Callable[[Node], bool]:
     """A predicate: is this node a projection by a weight?"""
     return lambda n: linear_info(cg, n) is not None
+
+
+_DYNAMO_ROOT = re.compile(r"^L\[['\"](self|fn|model|mod)['\"]\]\.?")
+
+
+def module_path(node: Node) -> str | None:
+    """The qualified name of the innermost module that called ``node``, from the tracer's ``nn_module_stack``.
+
+    Weight names cannot tell which module used a tied weight (Dynamo lifts it once, under its first name); the
+    module stack can. Dynamo spells paths ``L['self'].model.layers[0]``, export ``model.layers.0``."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = str(list(stack.values())[-1][0])
+    path = _DYNAMO_ROOT.sub("", path)
+    path = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return path.lstrip(".") or None
 
 
 def common_prefix(names: Iterable[str]) -> str:
