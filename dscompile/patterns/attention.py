@@ -16,7 +16,18 @@ from . import ops
 from .mask import MaskProbe, read_masks
 from .match import AttentionMatch, NearMiss
 from .rope import find_rope
-from .walk import LinearInfo, Walk, arg, common_prefix, dtype, linear_info, shape, walk_back, walk_forward
+from .walk import (
+    LinearInfo,
+    Walk,
+    arg,
+    common_prefix,
+    dtype,
+    linear_info,
+    module_path,
+    shape,
+    walk_back,
+    walk_forward,
+)
 
 _BARRIERS = frozenset({ops.SDPA, ops.SOFTMAX, ops.MATMUL, ops.EMBEDDING, ops.ADDMM, ops.LINEAR})
 _SCORE_CHAIN = frozenset({*ops.ELEMENTWISE, ops.MASKED_FILL, ops.WHERE, ops.VIEW, ops.CAST, ops.TRANSPOSE})
@@ -136,12 +147,9 @@ def match_attention(cg: CapturedGraph) -> tuple[list[AttentionMatch], list[NearM
             anchor = _eager_anchor(cg, node)
         else:
             continue
-        if isinstance(anchor, str):
-            misses.append(NearMiss("attention", node.name, "", anchor))
-            continue
-        result = _build(cg, anchor)
-        if isinstance(result, NearMiss):
-            misses.append(result)
+        result = anchor if isinstance(anchor, str) else _build(cg, anchor)
+        if isinstance(result, str):
+            misses.append(NearMiss("attention", node.name, module_path(node) or "", result))
             continue
         matches.append(result)
         if anchor.mask is not None:
@@ -159,17 +167,17 @@ def _single(cg: CapturedGraph, walk: Walk, what: str) -> LinearInfo | str:
     return info if info is not None else f"{what}: not a projection"
 
 
-def _build(cg: CapturedGraph, a: _Anchor) -> AttentionMatch | NearMiss:
+def _build(cg: CapturedGraph, a: _Anchor) -> AttentionMatch | str:
     walks = {name: _projection_walk(cg, x) for name, x in (("q", a.q), ("k", a.k), ("v", a.v))}
     lins: dict[str, LinearInfo] = {}
     for name, walk in walks.items():
         got = _single(cg, walk, name)
         if isinstance(got, str):
-            return NearMiss("attention", a.node.name, "", got)
+            return got
         lins[name] = got
     q_shape, k_shape, v_shape = shape(a.q), shape(a.k), shape(a.v)
     if not q_shape or not k_shape or not v_shape:
-        return NearMiss("attention", a.node.name, "", "query/key/value shapes are unknown")
+        return "query/key/value shapes are unknown"
     head_dim, v_head_dim = q_shape[-1], v_shape[-1]
     fused = lins["q"].node is lins["k"].node or lins["k"].node is lins["v"].node
     n_heads = q_shape[-3] if len(q_shape) == 4 else lins["q"].out_features // head_dim
@@ -178,7 +186,7 @@ def _build(cg: CapturedGraph, a: _Anchor) -> AttentionMatch | NearMiss:
     else:
         n_kv = _kv_heads_from_path(walks["k"], k_shape) or n_heads
     if n_kv <= 0 or n_heads % n_kv:
-        return NearMiss("attention", a.node.name, "", f"heads {n_heads} not a multiple of KV heads {n_kv}")
+        return f"heads {n_heads} not a multiple of KV heads {n_kv}"
     out = walk_forward(a.out, stop=lambda n: linear_info(cg, n) is not None,
                        through=lambda n: n is a.out or ops.op_class(n) in ops.SHAPE_ONLY, limit=32)
     o = linear_info(cg, out.found[0]) if len(out.found) == 1 else None

@@ -13,7 +13,7 @@ from torch.fx import Node
 from ..capture import CapturedGraph
 from . import ops
 from .match import FFNMatch, NearMiss
-from .walk import LinearInfo, Walk, arg, common_prefix, linear_info, walk_back, walk_forward
+from .walk import LinearInfo, Walk, arg, common_prefix, linear_info, module_path, walk_back, walk_forward
 
 _THROUGH = frozenset({*ops.ELEMENTWISE, *ops.SHAPE_ONLY})
 
@@ -54,7 +54,7 @@ def match_ffn(cg: CapturedGraph, exclude: set[Node] | None = None) -> tuple[list
         result = _build(cg, node)
         if isinstance(result, str):
             if cls in ops.STRONG_ACTIVATIONS:
-                misses.append(NearMiss("ffn", node.name, "", result))
+                misses.append(NearMiss("ffn", node.name, module_path(node) or "", result))
             continue
         if result.down.node in seen_down:
             continue
