@@ -64,10 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _load(name: str) -> tuple[torch.nn.Module, Any]:
     from . import models
 
-    start = time.perf_counter()
-    model, tokenizer = models.load(name)
-    log.info("loaded %s in %.1f s", name, time.perf_counter() - start)
-    return model, tokenizer
+    return models.load(name)
 
 
 def _example(tokenizer: Any) -> torch.Tensor:

@@ -1,0 +1,76 @@
+"""The command line: the main job end to end on the embedded model, inspect, export-onnx and errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny import tiny_llama
+
+from dscompile import cli
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """A local HF checkpoint directory (random weights, no tokenizer)."""
+    path = tmp_path / "tiny"
+    tiny_llama().save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_optimize_main_job_on_smollm2(tmp_path, capsys):
+    out = tmp_path / "result.json"
+    code = cli.main(["optimize", "--model", "smollm2", "--lower", "eager", "--windows", "2", "--window", "64",
+                     "--json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "graph diff (no changes)" in printed
+    assert "attention matched 30 -> 30" in printed and "KV bytes per token   46,080 -> 46,080" in printed
+    assert "perplexity (held-out)" in printed and "forward tokens/s" in printed
+    result = json.loads(out.read_text())
+    assert result["before"]["perplexity"] == pytest.approx(result["after"]["perplexity"], rel=1e-4)
+    assert 1.0 < result["before"]["perplexity"] < 100.0
+    assert result["report"]["matches"]["counts"] == {"attention": 30, "ffn": 30, "lm_head": 1}
+
+
+@pytest.mark.slow
+def test_inspect_smollm2_table(capsys, tmp_path):
+    assert cli.main(["inspect", "--model", "smollm2", "--json", str(tmp_path / "m.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "30 attention, 30 FFN, 1 LM head, 0 near-miss(es)" in printed
+    assert "model.layers.29.self_attn" in printed and "heads=9 kv_heads=3 head_dim=64" in printed
+    data = json.loads((tmp_path / "m.json").read_text())
+    assert data["lm_head"][0]["tied"] is True and data["lm_head"][0]["vocab_size"] == 49152
+
+
+def test_inspect_local_checkpoint_dynamo_path(tiny_checkpoint, capsys):
+    assert cli.main(["inspect", "--model", str(tiny_checkpoint), "--path", "dynamo"]) == 0
+    assert "2 attention, 2 FFN, 1 LM head" in capsys.readouterr().out
+
+
+def test_export_onnx_command(tiny_checkpoint, tmp_path, capsys):
+    target = tmp_path / "m.onnx"
+    assert cli.main(["export-onnx", "--model", str(tiny_checkpoint), "--out", str(target)]) == 0
+    assert target.is_file() and "onnxruntime shape (2, 12)" in capsys.readouterr().out
+
+
+def test_errors_exit_2_with_a_message(capsys, tiny_checkpoint):
+    assert cli.main(["optimize", "--model", "smollm2", "--profile", "warp"]) == 2
+    assert "unknown profile 'warp'" in capsys.readouterr().err
+    assert cli.main(["inspect", "--model", "no-such-model"]) == 2
+    assert "no-such-model" in capsys.readouterr().err
+    assert cli.main(["optimize", "--model", str(tiny_checkpoint), "--lower", "eager"]) == 2
+    assert "no tokenizer" in capsys.readouterr().err
+
+
+def test_bad_arguments_are_usage_errors(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["optimize", "--lower", "tvm"])
+    assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_example_ids_without_tokenizer():
+    ids = cli._example(None)
+    assert ids.shape == (1, 16) and ids.dtype == torch.long
