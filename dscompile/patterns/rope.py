@@ -81,7 +81,7 @@ def _base_from_sources(cg: CapturedGraph, sources: list[Node], rotary: int) -> f
                      through=lambda n: n.op in ("call_function", "call_method"), limit=64)
     for node in walk.found:
         ref = cg.weight(node)
-        base = _base_from_tensor(ref.tensor if ref is not None else None, rotary)
+        base = base_from_tensor(ref.tensor if ref is not None else None, rotary)
         if base is not None:
             return base
     return None
@@ -111,7 +111,7 @@ def _thetas(t: torch.Tensor | None) -> torch.Tensor | None:
     return None
 
 
-def _base_from_tensor(t: torch.Tensor | None, rotary: int) -> float | None:
+def base_from_tensor(t: torch.Tensor | None, rotary: int) -> float | None:
     """Recover ``base`` from ``theta_1 = base ** (-2 / rotary)``, the largest angle below ``theta_0 = 1``."""
     thetas = _thetas(t)
     if thetas is None or rotary < 4 or abs(float(thetas.max()) - 1.0) > 1e-4:

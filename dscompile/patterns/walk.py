@@ -218,8 +218,8 @@ def module_path(node: Node) -> str | None:
     if not stack:
         return None
     path = str(list(stack.values())[-1][0])
-    path = _DYNAMO_ROOT.sub("", path)
     path = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", path)
+    path = _DYNAMO_ROOT.sub("", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     return path.lstrip(".") or None
 
