@@ -99,8 +99,9 @@ def _thetas(t: torch.Tensor | None) -> torch.Tensor | None:
         return torch.angle(t[1]).double() if t.dim() == 2 and t.shape[0] > 1 else None
     if not t.is_floating_point() or t.numel() < 2:
         return None
-    if t.dim() == 1:
-        return t.double()
+    if t.dim() == 1:  # inv_freq falls strictly from 1 (a norm's weight of ones does not)
+        t = t.double()
+        return t if bool((t > 0).all()) and bool((t[1:] < t[:-1]).all()) else None
     if t.dim() != 2 or t.shape[0] < 2:
         return None
     first, row = t[0].double(), t[1].double()
@@ -112,14 +113,21 @@ def _thetas(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def base_from_tensor(t: torch.Tensor | None, rotary: int) -> float | None:
-    """Recover ``base`` from ``theta_1 = base ** (-2 / rotary)``, the largest angle below ``theta_0 = 1``."""
+    """Recover ``base`` from the angles ``theta_k = base ** (-2k / rotary)`` that ``t`` holds, or None when ``t``
+    is not a frequency table of that width."""
     thetas = _thetas(t)
     if thetas is None or rotary < 4 or abs(float(thetas.max()) - 1.0) > 1e-4:
         return None
+    if t is not None and t.dim() == 1 and t.numel() == rotary // 2:
+        # inv_freq lists every angle in order: fit all of them, so a half-precision buffer still gives the base
+        # to a fraction of a percent (theta_1 alone would be off by rotary/2 times its rounding error).
+        k = torch.arange(thetas.numel(), dtype=torch.float64)
+        log_base = -(rotary / 2.0) * float((k * thetas.log()).sum() / (k * k).sum())
+        return float(f"{math.exp(log_base):.5g}")
     below = thetas[thetas < 1.0 - 1e-6]
     if below.numel() == 0:
         return None
-    theta = float(below.max())
+    theta = float(below.max())  # theta_1: tables repeat or interleave angles, so only its value is certain
     if not 0 < theta < math.pi:
         return None
     return float(f"{theta ** (-rotary / 2.0):.5g}")
