@@ -142,9 +142,6 @@ def node_value(node: object) -> Any:
     return node.meta.get("example_value", node.meta.get("tensor_meta"))
 
 
-_DYNAMO_PREFIX = re.compile(r"^(l_|g_)?(self_|fn_|model_|mod_)?")
-
-
 def dynamo_weight_name(placeholder_name: str) -> str | None:
     """``l_self_modules_model_modules_layers_modules_0_modules_q_proj_parameters_weight_`` ->
     ``model.layers.0.q_proj.weight``; None when the name does not look like a module attribute."""
@@ -152,11 +149,11 @@ def dynamo_weight_name(placeholder_name: str) -> str | None:
         return None
     name = placeholder_name
     name = re.sub(r"^l_(self|fn|model|mod)_", "", name)
-    name = re.sub(r"^(modules_)", "", name)
+    name = re.sub(r"^(modules|parameters|buffers)_", "", name)  # an attribute of the root module itself
     name = name.rstrip("_")
     for part in ("_modules_", "_parameters_", "_buffers_"):
         name = name.replace(part, ".")
-    return re.sub(r"^(parameters|buffers)\.", "", name)
+    return name
 
 
 def from_dynamo(gm: GraphModule, example_inputs: Sequence[Any]) -> CapturedGraph:
@@ -251,15 +248,22 @@ def check_model(model: object) -> torch.nn.Module:
     """Refuse what cannot be a language model before any work, with what to do instead."""
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    params = list(model.parameters())
+    if not params:
+        raise CaptureError("the model has no parameters; dscompile needs a language model with weights")
+    dtypes = {p.dtype for p in params if p.is_floating_point()}
+    if not dtypes:
+        found = ", ".join(sorted({str(p.dtype) for p in params}))
+        raise CaptureError(
+            f"the model has no floating-point parameters (found {found}); dscompile reads float weights, so "
+            "dequantize the model first (for example load it in float32 or bfloat16)"
+        )
     bad = sorted(str(d) for d in dtypes if d not in SUPPORTED_DTYPES)
     if bad:
         raise CaptureError(
             f"unsupported parameter dtype(s) {', '.join(bad)}; dscompile works on float32, float16 and "
             "bfloat16 models (convert with model.to(torch.float32))"
         )
-    if not any(True for _ in model.parameters()):
-        raise CaptureError("the model has no parameters; dscompile needs a language model with weights")
     return model
 
 
