@@ -388,6 +388,14 @@ def test_rope_base_refuses_what_is_not_a_frequency_table(tensor: torch.Tensor | 
     assert base_from_tensor(tensor, 16) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("base", "rotary"), [(10000.0, 16), (500000.0, 128), (1000000.0, 64)])
+def test_rope_base_from_half_precision_inv_freq(dtype: torch.dtype, base: float, rotary: int) -> None:
+    # model.to(bfloat16) rounds inv_freq too; fitting every angle keeps the base within a fraction of a percent.
+    got = base_from_tensor(_inv_freq(base, rotary).to(dtype), rotary)
+    assert got is not None and got == pytest.approx(base, rel=5e-3)
+
+
 def test_rope_base_needs_a_rotary_width_of_four() -> None:
     assert base_from_tensor(_inv_freq(10000.0, 2).float(), 2) is None
 

@@ -433,8 +433,8 @@ class SdpaLM(nn.Module):
         t = torch.arange(ids.shape[1], device=ids.device, dtype=torch.float32)
         freqs = torch.outer(t, self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos(), emb.sin()
         x = self.embed(ids)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for block in self.blocks:
             x = block(x, cos, sin)
         return self.head(self.norm(x))
