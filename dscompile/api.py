@@ -13,10 +13,12 @@ from .capture import capture_dynamo, capture_export, check_model, split_inputs
 from .data import token_batches, token_count
 from .errors import ConfigError, MatchError
 from .lower import TARGETS
+from .monitor import Monitor
 from .passes.manager import check_supported
 from .patterns import MatchSet, match_all
 from .profile import Profile, resolve_profile
 from .report import Report
+from .runtime import Runtime
 from .session import CompileSession
 
 log = logging.getLogger("dscompile")
@@ -41,6 +43,7 @@ class OptimizedModel(torch.nn.Module):
         options = {"profile": profile, "lower": lower, "fallback": fallback, "session": self.session}
         backend = functools.partial(deepseek_opt, options=options)
         self._compiled = torch.compile(model, backend=backend, dynamic=dynamic)
+        self._runtime: Runtime | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._compiled(*args, **kwargs)
@@ -49,6 +52,33 @@ class OptimizedModel(torch.nn.Module):
     def config(self) -> Any:
         """The original model's config (Hugging Face models), so code that reads ``model.config`` keeps working."""
         return getattr(self.original, "config", None)
+
+    def runtime(self) -> Runtime:
+        """The generation runtime that owns the KV cache; built (exported and rewritten) on first use."""
+        if self._runtime is None:
+            from .passes.kv_cache import build_cached_program
+
+            program = build_cached_program(self.original)
+            config = getattr(self.original, "generation_config", None)
+            self._runtime = Runtime(
+                program, lower="eager" if self.lower == "eager" else "inductor", max_positions=program.max_positions,
+                pad_token_id=getattr(config, "pad_token_id", None), eos_token_id=getattr(config, "eos_token_id", None),
+            )
+        return self._runtime
+
+    @property
+    def monitor(self) -> Monitor:
+        """Time to first token, decode tokens/s, cache bytes and peak memory of every ``generate`` call."""
+        return self.runtime().monitor
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int | None = None, **kwargs: Any) -> torch.Tensor:
+        """Prompt plus new tokens, with Hugging Face ``generate`` semantics, in dscompile's own runtime.
+
+        Keyword arguments: ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``, ``max_length``,
+        ``streamer`` (a callable, or an object with ``put``/``end`` like HF streamers) and ``generator``.
+        """
+        return self.runtime().generate(input_ids, attention_mask, max_new_tokens, **kwargs)
 
     def report(self) -> Report:
         """What the compile matched and rewrote; available after the first call (``optimize`` makes one)."""

@@ -1,0 +1,213 @@
+"""The generation runtime: static KV-cache buffers, one prefill call, and a decode step compiled once per shape.
+
+The cache capacity is the prompt plus the new tokens, rounded up to a bucket so that calls of similar lengths reuse
+one compiled decode step (Dynamo recompiles only when batch or capacity change). Padding follows Hugging Face:
+left padding through ``attention_mask``, positions counted from the first real token.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..monitor import GenerationStats, Monitor, Stopwatch, peak_memory
+from ..passes.kv_cache import CachedProgram
+from .sampling import check_sampling, choose_next
+
+log = logging.getLogger("dscompile")
+
+BUCKET = 128
+LOWERINGS = ("inductor", "eager")
+
+
+def attention_bias(key_valid: torch.Tensor, query_positions: torch.Tensor, window: int | None,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """Additive bias ``[batch, 1, queries, capacity]``: causal, inside the window, not padding.
+
+    A query always sees its own slot, so a row of pure padding stays finite (its output is never used).
+    """
+    capacity = key_valid.shape[-1]
+    keys = torch.arange(capacity, device=key_valid.device)
+    q = query_positions.unsqueeze(-1)
+    allowed = keys <= q
+    if window is not None:
+        allowed = allowed & (keys > q - window)
+    allowed = (allowed.unsqueeze(0) & key_valid.unsqueeze(1)) | (keys == q).unsqueeze(0)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=key_valid.device)
+    return bias.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+
+class Runtime:
+    """Runs a :class:`CachedProgram`: ``generate`` with Hugging Face semantics, stats in ``monitor``."""
+
+    def __init__(self, program: CachedProgram, *, lower: str = "inductor", max_positions: int | None = None,
+                 pad_token_id: int | None = None, eos_token_id: int | list[int] | None = None):
+        if lower not in LOWERINGS:
+            raise ConfigError(f"unknown runtime lower={lower!r}; valid: {', '.join(LOWERINGS)}")
+        self.program = program
+        self.lower = lower
+        self.max_positions = max_positions
+        self.pad_token_id = pad_token_id
+        self.eos_token_id = eos_token_id
+        self.monitor = Monitor()
+        self._decode: Callable[..., Any] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        param = next(iter(self.program.gm.parameters()), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    def decode_step(self) -> Callable[..., Any]:
+        """The decode program: Inductor with static shapes (CUDA graphs on a GPU), or the graph itself."""
+        if self._decode is None:
+            if self.lower == "eager":
+                self._decode = self.program.gm
+            else:
+                mode = "reduce-overhead" if self.device.type == "cuda" else None
+                self._decode = torch.compile(self.program.gm, dynamic=False, fullgraph=True, mode=mode)
+        return self._decode
+
+    def _run(self, fn: Callable[..., Any], ids: torch.Tensor, positions: torch.Tensor, cache_position: torch.Tensor,
+             key_valid: torch.Tensor, caches: list[torch.Tensor]) -> torch.Tensor:
+        biases = [attention_bias(key_valid, cache_position, w, self.program.dtype) for w in self.program.windows]
+        out = fn(ids, positions, cache_position, *biases, *caches)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        max_length: int | None = None,
+        streamer: Any = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Prompt plus new tokens ``[batch, prompt + new]``; rows that finish early are padded as HF pads them."""
+        ids, mask = _check_prompt(input_ids, attention_mask)
+        batch, prompt = ids.shape
+        new = _new_token_count(prompt, max_new_tokens, max_length)
+        check_sampling(do_sample, temperature, top_k, top_p)
+        total = prompt + new
+        if self.max_positions is not None and total > self.max_positions:
+            raise ConfigError(
+                f"prompt ({prompt}) plus max_new_tokens ({new}) is {total} tokens, beyond the model's "
+                f"{self.max_positions} positions; shorten the prompt or ask for fewer tokens"
+            )
+        eos = _as_set(eos_token_id if eos_token_id is not None else self.eos_token_id)
+        pad = self.pad_token_id if self.pad_token_id is not None else (min(eos) if eos else 0)
+        capacity = -(-total // BUCKET) * BUCKET
+        if self.max_positions is not None:
+            capacity = min(capacity, max(self.max_positions, total))
+        device = self.device
+        ids, mask = ids.to(device), mask.to(device)
+        caches = self.program.new_caches(batch, capacity, device)
+        key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        key_valid[:, :prompt] = mask.bool()
+        positions = (mask.long().cumsum(-1) - 1).masked_fill_(mask == 0, 1) if self.program.takes_attention_mask \
+            else torch.arange(prompt, device=device).expand(batch, -1)
+        if not self.program.takes_attention_mask:
+            key_valid[:, :prompt] = True  # a model that never sees padding attends to every token
+
+        out = torch.empty(batch, total, dtype=torch.long, device=device)
+        out[:, :prompt] = ids
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        sample = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                  "generator": generator}
+        produced = 0
+        with peak_memory(device) as peak:
+            clock = Stopwatch(device)
+            logits = self._run(self.program.gm, ids, positions, torch.arange(prompt, device=device), key_valid, caches)
+            next_token = choose_next(logits[:, -1], **sample)
+            first_token_s = clock.lap()
+            step = self.decode_step()
+            last_position = positions[:, -1:]
+            for i in range(new):
+                next_token = torch.where(done, torch.full_like(next_token, pad), next_token)
+                out[:, prompt + i] = next_token
+                produced = i + 1
+                _stream(streamer, next_token)
+                if eos:
+                    done |= _is_eos(next_token, eos)
+                    if bool(done.all()):
+                        break
+                if i == new - 1:
+                    break
+                slot = prompt + i
+                key_valid[:, slot] = True
+                last_position = last_position + 1
+                logits = self._run(step, next_token.unsqueeze(-1), last_position,
+                                   torch.tensor([slot], device=device), key_valid, caches)
+                next_token = choose_next(logits[:, -1], **sample)
+            decode_s = clock.lap()
+        _stream_end(streamer)
+        itemsize = torch.empty((), dtype=self.program.dtype).element_size()
+        self.monitor.record(GenerationStats(
+            batch=batch, prompt_tokens=prompt, new_tokens=produced, time_to_first_token_s=first_token_s,
+            decode_s=decode_s, cache_bytes=sum(c.numel() for c in caches) * itemsize,
+            peak_memory_bytes=peak[0], device=str(device), extra={"capacity": capacity},
+        ))
+        return out[:, :prompt + produced]
+
+
+def _check_prompt(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
+        raise ConfigError("input_ids must be a LongTensor of token ids [batch, tokens]")
+    ids = input_ids.unsqueeze(0) if input_ids.dim() == 1 else input_ids
+    if ids.dim() != 2:
+        raise ConfigError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ConfigError("the prompt is empty: generation needs at least one token per row")
+    if attention_mask is None:
+        return ids.long(), torch.ones_like(ids)
+    mask = attention_mask.unsqueeze(0) if attention_mask.dim() == 1 else attention_mask
+    if mask.shape != ids.shape:
+        raise ConfigError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(ids.shape)}")
+    if not bool(mask[:, -1].bool().all()):
+        raise ConfigError("attention_mask has padding on the right; pad prompts on the left for generation")
+    return ids.long(), mask.long()
+
+
+def _new_token_count(prompt: int, max_new_tokens: int | None, max_length: int | None) -> int:
+    if max_new_tokens is not None:
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        return max_new_tokens
+    if max_length is not None:
+        if max_length <= prompt:
+            raise ConfigError(f"max_length {max_length} leaves no room after a prompt of {prompt} tokens")
+        return max_length - prompt
+    raise ConfigError("say how many tokens to generate: max_new_tokens=... (or max_length=...)")
+
+
+def _as_set(eos: int | list[int] | None) -> set[int]:
+    if eos is None:
+        return set()
+    return {int(e) for e in eos} if isinstance(eos, (list, tuple, set)) else {int(eos)}
+
+
+def _is_eos(tokens: torch.Tensor, eos: set[int]) -> torch.Tensor:
+    return torch.isin(tokens, torch.tensor(sorted(eos), device=tokens.device))
+
+
+def _stream(streamer: Any, tokens: torch.Tensor) -> None:
+    if streamer is None:
+        return
+    if hasattr(streamer, "put"):
+        streamer.put(tokens.cpu())
+    else:
+        streamer(tokens.cpu())
+
+
+def _stream_end(streamer: Any) -> None:
+    if streamer is not None and hasattr(streamer, "end"):
+        streamer.end()
