@@ -93,6 +93,18 @@ def test_lm_head_properties(name: str, path: str, dynamic: bool) -> None:
     assert (head.tied_to is not None) == exp.tied
 
 
+@pytest.mark.parametrize("path", ["export", "dynamo"])
+@pytest.mark.parametrize("name", ["llama_eager", "mistral", "gemma2"])
+def test_left_padding_is_neither_acausal_nor_a_window(name: str, path: str) -> None:
+    model, ids, exp = built(name)
+    pad = torch.ones_like(ids)
+    pad[0, :3] = 0  # the probed batch row starts with three pads
+    inputs = {"input_ids": ids, "attention_mask": pad}
+    cg = capture_export(model, inputs) if path == "export" else capture_dynamo(model, inputs)[0]
+    attention = match_all(cg).attention
+    assert [(a.causal, a.window) for a in attention] == [(True, w) for w in exp.windows]
+
+
 def test_matches_serialise() -> None:
     ms = matched("gemma3", "export", False)
     d = ms.to_dict()

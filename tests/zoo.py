@@ -112,7 +112,7 @@ def gpt2() -> Built:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model, ids = _hf(GPT2Config, GPT2LMHeadModel, 200, n_positions=64, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
-                     n_inner=FFN)
+                     n_inner=FFN, bos_token_id=0, eos_token_id=0)
     return model, ids, Expect(vocab=200, gated=False, activation="gelu_tanh", tied=True, fused_qkv=True,
                               **NO_ROPE)
 

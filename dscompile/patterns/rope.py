@@ -19,7 +19,7 @@ from .match import RopeInfo
 from .walk import shape, walk_back
 
 # Ops between a cos/sin table and the multiplication that applies it (HF unsqueezes, scales and casts it).
-_TRIG_PATH = frozenset({*ops.SHAPE_ONLY, ops.MUL, ops.SLICE, ops.GETITEM})
+_TRIG_PATH = frozenset({*ops.SHAPE_ONLY, ops.MUL})
 
 
 def find_rope(cg: CapturedGraph, path: list[Node], head_dim: int) -> RopeInfo | None:
