@@ -11,7 +11,7 @@ import torch
 from .backend import deepseek_opt
 from .capture import capture_dynamo, capture_export, check_model, split_inputs
 from .data import token_batches, token_count
-from .errors import ConfigError, MatchError
+from .errors import CaptureError, ConfigError, MatchError
 from .lower import TARGETS
 from .monitor import Monitor
 from .passes.manager import check_supported
@@ -119,6 +119,12 @@ def optimize(
     optimized = OptimizedModel(model, resolved, lower=lower, fallback=fallback, dynamic=dynamic)
     with torch.no_grad():
         optimized(*args, **kwargs)
+    if optimized.session.empty:
+        raise CaptureError(
+            f"torch.compile ran {type(model).__name__} without calling the deepseek_opt backend (Dynamo's recompile "
+            "limit for this model class is probably reached); call torch._dynamo.reset() or raise "
+            "torch._dynamo.config.recompile_limit, then optimize again"
+        )
     matches = optimized.matches()
     check_causal_lm(model, matches)
     log.info("optimize: profile %s, %s", resolved.name, matches)

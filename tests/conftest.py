@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch._inductor.config
 
 torch._inductor.config.fx_graph_cache = False
@@ -16,3 +17,18 @@ torch._inductor.config.fx_graph_cache = False
 _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M and its tokenizer, loaded once per session from the user cache."""
+    from dscompile import models
+
+    return models.load("smollm2")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test starts with empty Dynamo caches: many tiny models of one class would reach its recompile limit."""
+    torch._dynamo.reset()
+    yield

@@ -1,0 +1,259 @@
+"""The kv_cache pass and the generation runtime: exact against the original, HF semantics, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import ids, tiny_llama
+from zoo import ZOO, built
+
+import dscompile
+from dscompile import ConfigError, MatchError, UnsupportedError
+from dscompile.passes.kv_cache import build_cached_program, layer_windows
+from dscompile.runtime import Runtime, choose_next
+from dscompile.runtime.generate import attention_bias
+
+HF = [n for n in ZOO if n not in ("nanogpt", "meta_llama", "sdpa_lm", "table_lm")]
+HAND_WRITTEN = ["nanogpt", "meta_llama", "sdpa_lm", "table_lm"]
+
+
+def _logits(output):
+    return output.logits if hasattr(output, "logits") else output
+
+
+@pytest.fixture(scope="module")
+def programs():
+    cache: dict[str, object] = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = build_cached_program(built(name)[0])
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_prefill_then_decode_equals_full_forward(name, programs):
+    """Chunks of 5, 1, 1 and 2 tokens through the cache give the logits of one cache-free forward."""
+    model, _, expect = built(name)
+    program = programs(name)
+    batch, total, capacity = 2, 9, 16
+    x = torch.randint(0, expect.vocab, (batch, total), generator=torch.Generator().manual_seed(5))
+    caches = program.new_caches(batch, capacity)
+    valid = torch.zeros(batch, capacity, dtype=torch.bool)
+    pieces = []
+    with torch.no_grad():
+        reference = _logits(model(x))
+        for start, end in ((0, 5), (5, 6), (6, 7), (7, 9)):
+            valid[:, start:end] = True
+            slots = torch.arange(start, end)
+            biases = [attention_bias(valid, slots, w, program.dtype) for w in program.windows]
+            pieces.append(program.gm(x[:, start:end], slots.expand(batch, -1), slots, *biases, *caches)[0])
+    torch.testing.assert_close(torch.cat(pieces, dim=1), reference, atol=1e-4, rtol=0)
+    assert len(program.layers) == expect.layers
+    assert [layer.window for layer in program.layers] == list(expect.windows)
+    assert program.cache_bytes_per_token() == sum(layer.values_per_token for layer in program.layers) * 4
+
+
+def _full_recompute_greedy(model, x, new):
+    out = x
+    with torch.no_grad():
+        for _ in range(new):
+            nxt = _logits(model(out))[:, -1].argmax(-1, keepdim=True)
+            out = torch.cat([out, nxt], dim=1)
+    return out
+
+
+def _assert_same_or_near_tie(model, got, expected, prompt_mask=None):
+    """Token-identical, or the first difference is a near-tie (top two logits within 1e-4) in the original."""
+    if torch.equal(got, expected):
+        return
+    row = int((got != expected).any(dim=1).nonzero()[0])
+    col = int((got[row] != expected[row]).nonzero()[0])
+    prefix = expected[row:row + 1, :col]
+    kwargs = {} if prompt_mask is None else {
+        "attention_mask": torch.cat([prompt_mask[row:row + 1], torch.ones(1, col - prompt_mask.shape[1],
+                                                                             dtype=torch.long)], dim=1)}
+    with torch.no_grad():
+        top = _logits(model(prefix, **kwargs))[0, -1].topk(2).values
+    assert float(top[0] - top[1]) < 1e-4, f"row {row} differs at {col} without a near-tie"
+
+
+@pytest.mark.parametrize("name", HF)
+def test_greedy_matches_transformers_generate(name, programs):
+    model, _, expect = built(name)
+    runtime = Runtime(programs(name), lower="eager", eos_token_id=None)
+    for batch in (1, 4):
+        x = torch.randint(1, expect.vocab, (batch, 7), generator=torch.Generator().manual_seed(batch))
+        mask = torch.ones_like(x)
+        if batch == 4:
+            mask[1, :3] = 0
+            mask[2, :1] = 0
+            x = x.masked_fill(mask == 0, 0)
+        with torch.no_grad():
+            expected = model.generate(x, attention_mask=mask, max_new_tokens=24, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)
+        got = runtime.generate(x, attention_mask=mask, max_new_tokens=24)
+        assert got.shape == expected.shape
+        _assert_same_or_near_tie(model, got, expected, mask)
+
+
+@pytest.mark.parametrize("name", HAND_WRITTEN)
+def test_greedy_matches_full_recompute_on_hand_written_models(name, programs):
+    model, _, expect = built(name)
+    runtime = Runtime(programs(name), lower="eager", max_positions=programs(name).max_positions)
+    for batch in (1, 4):
+        x = torch.randint(0, expect.vocab, (batch, 6), generator=torch.Generator().manual_seed(batch))
+        got = runtime.generate(x, max_new_tokens=16)
+        _assert_same_or_near_tie(model, got, _full_recompute_greedy(model, x, 16))
+
+
+def test_inductor_decode_is_exact_and_compiled_once():
+    model = tiny_llama()
+    opt = dscompile.optimize(model, example_inputs=ids(), lower="eager")
+    runtime = Runtime(opt.runtime().program, lower="inductor")
+    x = ids(2, 5)
+    first = runtime.generate(x, max_new_tokens=12)
+    second = runtime.generate(x, max_new_tokens=12)
+    with torch.no_grad():
+        expected = model.generate(x, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert runtime.decode_step() is runtime.decode_step()
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    opt = dscompile.optimize(tiny_llama(), example_inputs=ids(), lower="eager")
+    kwargs = {"max_new_tokens": 20, "do_sample": True, "temperature": 1.5, "top_k": 50, "top_p": 0.95}
+    a = opt.generate(ids(2, 4), generator=torch.Generator().manual_seed(7), **kwargs)
+    b = opt.generate(ids(2, 4), generator=torch.Generator().manual_seed(7), **kwargs)
+    c = opt.generate(ids(2, 4), generator=torch.Generator().manual_seed(8), **kwargs)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_choose_next_filters():
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
+    assert choose_next(logits).tolist() == [1]
+    g = torch.Generator().manual_seed(0)
+    assert all(choose_next(logits, do_sample=True, top_k=1, generator=g).item() == 1 for _ in range(20))
+    assert all(choose_next(logits, do_sample=True, top_p=0.01, generator=g).item() == 1 for _ in range(20))
+    seen = {choose_next(logits, do_sample=True, top_k=2, temperature=5.0, generator=g).item() for _ in range(200)}
+    assert seen == {1, 2}
+
+
+def test_attention_bias_causal_window_and_padding():
+    valid = torch.tensor([[False, True, True, True, False]])
+    bias = attention_bias(valid, torch.tensor([1, 2, 3]), window=2, dtype=torch.float32)
+    allowed = (bias[0, 0] == 0).int().tolist()
+    assert allowed == [[0, 1, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 1, 1, 0]]
+    pad_row = attention_bias(torch.tensor([[False, True]]), torch.tensor([0]), None, torch.float32)
+    assert (pad_row[0, 0, 0] == 0).tolist() == [True, False]  # a pad query sees itself, so nothing is NaN
+
+
+def test_layer_windows_from_config():
+    class Cfg:
+        sliding_window = 8
+        layer_types = ["sliding_attention", "full_attention"]
+
+    assert layer_windows(Cfg(), 2) == [8, None]
+    assert layer_windows(Cfg(), 3) == [8, 8, 8]
+    assert layer_windows(None, 2) is None
+
+
+def test_eos_stops_rows_and_pads_like_hf():
+    model = tiny_llama()
+    x = ids(2, 5)
+    with torch.no_grad():
+        free = model.generate(x, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    eos = int(free[0, 6])  # row 0's second new token
+    with torch.no_grad():
+        expected = model.generate(x, max_new_tokens=6, do_sample=False, eos_token_id=eos, pad_token_id=3)
+    runtime = Runtime(build_cached_program(model), lower="eager", eos_token_id=eos, pad_token_id=3)
+    assert torch.equal(runtime.generate(x, max_new_tokens=6), expected)
+
+
+def test_streaming_and_monitor():
+    model = tiny_llama()
+    runtime = Runtime(build_cached_program(model), lower="eager")
+    seen: list[list[int]] = []
+
+    class Streamer:
+        ended = False
+
+        def put(self, tokens):
+            seen.append(tokens.tolist())
+
+        def end(self):
+            Streamer.ended = True
+
+    out = runtime.generate(ids(2, 5), max_new_tokens=7, streamer=Streamer())
+    assert Streamer.ended and len(seen) == 7 and seen[0] == out[:, 5].tolist()
+    calls = []
+    runtime.generate(ids(1, 3), max_new_tokens=4, streamer=calls.append)
+    assert len(calls) == 4
+    stats = runtime.monitor.last
+    assert stats.batch == 1 and stats.new_tokens == 4 and stats.prompt_tokens == 3
+    # 2 layers x (K + V) x 1 row x 2 KV heads x 128 slots x 16 dims x 4 bytes
+    assert stats.cache_bytes == 2 * 2 * 2 * 128 * 16 * 4
+    assert stats.peak_memory_bytes > 0 and stats.decode_tokens_per_s > 0
+    assert "tok/s" in str(stats) and stats.to_dict()["decode_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"input_ids": torch.zeros(1, 0, dtype=torch.long), "max_new_tokens": 2}, "prompt is empty"),
+    ({"input_ids": torch.zeros(2, dtype=torch.float32), "max_new_tokens": 2}, "LongTensor"),
+    ({"input_ids": ids(1, 4)}, "max_new_tokens"),
+    ({"input_ids": ids(1, 4), "max_new_tokens": 0}, "at least 1"),
+    ({"input_ids": ids(1, 4), "max_length": 3}, "leaves no room"),
+    ({"input_ids": ids(1, 100), "max_new_tokens": 40}, "beyond the model's 128 positions"),
+    ({"input_ids": ids(1, 4), "max_new_tokens": 2, "do_sample": True, "temperature": 0.0}, "temperature"),
+    ({"input_ids": ids(1, 4), "max_new_tokens": 2, "do_sample": True, "top_k": 0}, "top_k"),
+    ({"input_ids": ids(1, 4), "max_new_tokens": 2, "do_sample": True, "top_p": 1.5}, "top_p"),
+    ({"input_ids": ids(2, 4), "attention_mask": torch.ones(2, 3), "max_new_tokens": 2}, "differs from input_ids"),
+    ({"input_ids": ids(1, 3), "attention_mask": torch.tensor([[1, 1, 0]]), "max_new_tokens": 2}, "on the left"),
+])
+def test_bad_requests_fail_before_work(kwargs, message):
+    opt = dscompile.optimize(tiny_llama(), example_inputs=ids(), lower="eager")
+    with pytest.raises(ConfigError, match=message):
+        opt.generate(**kwargs)
+    assert opt.monitor.last is None
+
+
+def test_max_length_counts_the_prompt():
+    opt = dscompile.optimize(tiny_llama(), example_inputs=ids(), lower="eager")
+    assert opt.generate(ids(1, 4), max_length=10).shape == (1, 10)
+    with pytest.raises(ConfigError, match="valid: inductor, eager"):
+        Runtime(opt.runtime().program, lower="tvm")
+
+
+def test_models_the_runtime_cannot_cache():
+    with pytest.raises(MatchError, match="no attention"):
+        build_cached_program(torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10)))
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_matches_transformers_with_compiled_decode(smollm2):
+    model, tokenizer = smollm2
+    opt = dscompile.optimize(model, example_inputs=torch.tensor([[1, 2, 3]]), lower="eager")
+    runtime = Runtime(opt.runtime().program, lower="inductor", eos_token_id=2, pad_token_id=2,
+                      max_positions=opt.runtime().max_positions)
+    prompts = ["def fibonacci(n):", "The capital of France is", "Once upon a time, in a land far away,",
+               "import numpy as np\n"]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    for batch in (1, 4):
+        x, mask = enc["input_ids"][:batch], enc["attention_mask"][:batch]
+        if batch == 1:
+            x, mask = x[:, mask[0].bool()], mask[:, mask[0].bool()]
+        with torch.no_grad():
+            expected = model.generate(x, attention_mask=mask, max_new_tokens=64, do_sample=False)
+        got = runtime.generate(x, attention_mask=mask, max_new_tokens=64)
+        _assert_same_or_near_tie(model, got, expected, mask)
+    assert runtime.monitor.last.cache_bytes == 30 * 2 * 4 * 3 * 128 * 64 * 4  # capacity 128 slots
+
+
+def test_unsupported_attention_is_refused_clearly(monkeypatch):
+    from dscompile.passes import kv_cache
+
+    monkeypatch.setattr(kv_cache, "eager_anchor", lambda cg, node: "softmax is not fed by one Q @ K^T matmul")
+    with pytest.raises(UnsupportedError, match="not fed by one"):
+        build_cached_program(built("nanogpt")[0])
