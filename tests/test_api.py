@@ -159,7 +159,7 @@ def test_models_that_are_not_causal_lms(make, message):
         dscompile.optimize(make(), example_inputs=ids(), lower="eager")
 
 
-def test_dynamo_that_skips_the_backend_is_reported(monkeypatch):
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 0)
-    with pytest.raises(CaptureError, match="recompile limit"):
+def test_dynamo_that_skips_the_backend_is_reported():
+    with torch._dynamo.config.patch(recompile_limit=0), pytest.raises(CaptureError, match="recompile limit"):
         dscompile.optimize(tiny_llama(), example_inputs=ids(), lower="eager")
+    assert torch._dynamo.config.recompile_limit > 0

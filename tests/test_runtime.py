@@ -27,7 +27,7 @@ def programs():
 
     def get(name):
         if name not in cache:
-            cache[name] = build_cached_program(built(name)[0])
+            cache[name] = build_cached_program(built(name)[0], logits="all")
         return cache[name]
 
     return get
@@ -257,3 +257,16 @@ def test_unsupported_attention_is_refused_clearly(monkeypatch):
     monkeypatch.setattr(kv_cache, "eager_anchor", lambda cg, node: "softmax is not fed by one Q @ K^T matmul")
     with pytest.raises(UnsupportedError, match="not fed by one"):
         build_cached_program(built("nanogpt")[0])
+
+
+def test_last_position_logits_only_by_default():
+    model, x = tiny_llama(), ids(2, 6)
+    program = build_cached_program(model)
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    slots = torch.arange(6)
+    caches = program.new_caches(2, 8)
+    with torch.no_grad():
+        out = program.gm(x, slots.expand(2, -1), slots, attention_bias(valid, slots, None, program.dtype), *caches)[0]
+        torch.testing.assert_close(out, model(x).logits[:, -1:], atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="'last' or 'all'"):
+        build_cached_program(model, logits="some")

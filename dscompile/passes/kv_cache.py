@@ -21,7 +21,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..capture import CapturedGraph, check_model, from_fx
-from ..errors import CaptureError, MatchError, UnsupportedError
+from ..errors import CaptureError, ConfigError, MatchError, UnsupportedError
 from ..patterns import AttentionMatch, MatchSet, match_all, ops
 from ..patterns.attention import _eager_anchor as eager_anchor
 from ..patterns.walk import shape
@@ -80,8 +80,14 @@ class CachedProgram:
         return caches
 
 
-def build_cached_program(model: torch.nn.Module, *, example_length: int = 8) -> CachedProgram:
-    """Export ``model``'s cache-free forward and give every matched attention a static KV cache."""
+def build_cached_program(model: torch.nn.Module, *, example_length: int = 8, logits: str = "last") -> CachedProgram:
+    """Export ``model``'s cache-free forward and give every matched attention a static KV cache.
+
+    ``logits="last"`` projects only the last position onto the vocabulary (a long prefill would otherwise hold
+    ``tokens x vocab`` floats); ``"all"`` keeps every position, as verification of drafted tokens needs.
+    """
+    if logits not in ("last", "all"):
+        raise ConfigError(f"logits must be 'last' or 'all', got {logits!r}")
     check_model(model)
     takes_positions = _accepts(model, "position_ids")
     config = getattr(model, "config", None)
@@ -101,6 +107,8 @@ def build_cached_program(model: torch.nn.Module, *, example_length: int = 8) -> 
         raise MatchError(f"no attention matched in {type(model).__name__}: there is no KV cache to own")
     dtype = _cache_dtype(matches)
     program = _rewrite(captured, matches, config, takes_positions, dtype, ids_name)
+    if logits == "last":
+        _last_position_only(program)
     program.takes_attention_mask = takes_positions and _accepts(model, "attention_mask")
     log.info("kv_cache: %d layers cached, %d bytes per token%s", len(program.layers),
              program.cache_bytes_per_token(), "".join(f"; {n}" for n in program.notes))
@@ -410,6 +418,19 @@ def _slices_table_to_sequence(captured: CapturedGraph, node: Node, seq: object) 
     source, dim, start, end = args[:4]
     return (isinstance(source, Node) and captured.weight(source) is not None and dim == 0 and start in (0, None)
             and _same_size(end, seq))
+
+
+def _last_position_only(program: CachedProgram) -> None:
+    """Feed the LM head the last position's hidden state only."""
+    if not program.matches.lm_head:
+        program.notes.append("no LM head matched: logits kept for every position")
+        return
+    head = program.matches.lm_head[0].linear
+    graph = program.gm.graph
+    with graph.inserting_before(head.node):
+        last = graph.call_function(_SLICE, (head.input, 1, -1, 9223372036854775807))
+    head.node.replace_input_with(head.input, last)
+    program.gm.recompile()
 
 
 def _drop_unused_inputs(graph: torch.fx.Graph, keep: set[str]) -> None:

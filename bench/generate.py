@@ -1,0 +1,141 @@
+"""Generation speed and memory: HF eager, HF compiled with a static cache, and dscompile's runtime, in one run.
+
+Usage: .venv/bin/python bench/generate.py [--model smollm2] [--skip-hf-compile] [--long 8192] [--out ...]
+
+Decode tokens/s (prompt 128, 128 new tokens, greedy) at batch 1 and 8: for HF, the time of generating 128 tokens
+minus the time of generating 1 (so prefill is excluded the same way for every system); for ours, the monitor's
+decode time. Prefill tokens/s at 2048 tokens. A long run at --long tokens of context (batch 1 and 8) reports cache
+bytes and peak memory. All ratios are against HF eager in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dscompile import models, optimize
+from dscompile.monitor import peak_memory
+from dscompile.runtime import Runtime
+
+
+def _prompts(tokenizer: Any, batch: int, length: int) -> torch.Tensor:
+    ids = tokenizer(models.heldout_text(max_chars=length * batch * 12))["input_ids"]
+    rows = [ids[i * length:(i + 1) * length] for i in range(batch)]
+    if len(rows[-1]) < length:
+        raise SystemExit("not enough held-out text for the prompts")
+    return torch.tensor(rows)
+
+
+def _timed(fn: Any) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def hf_decode(model: Any, x: torch.Tensor, new: int, **extra: Any) -> dict[str, float]:
+    def run(n: int) -> float:
+        with torch.no_grad():
+            return _timed(lambda: model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
+                                                 min_new_tokens=n, do_sample=False, **extra))
+    run(2)  # warm-up (and compile, for the compiled variant)
+    total, first = run(new), run(1)
+    return {"decode_tokens_per_s": x.shape[0] * (new - 1) / max(total - first, 1e-9), "first_token_s": first}
+
+
+def ours_decode(runtime: Runtime, x: torch.Tensor, new: int) -> dict[str, float]:
+    runtime.generate(x, max_new_tokens=new, eos_token_id=[])  # compiles the decode step for this shape
+    runtime.generate(x, max_new_tokens=new, eos_token_id=[])
+    stats = runtime.monitor.last
+    return {"decode_tokens_per_s": stats.decode_tokens_per_s, "first_token_s": stats.time_to_first_token_s,
+            "cache_bytes": stats.cache_bytes, "peak_memory_bytes": stats.peak_memory_bytes}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--prefill", type=int, default=2048)
+    parser.add_argument("--long", type=int, default=8192, help="context of the long run (0 to skip)")
+    parser.add_argument("--skip-hf-compile", action="store_true", help="skip HF + torch.compile + static cache")
+    parser.add_argument("--out", default="bench/results/generate.json")
+    args = parser.parse_args()
+
+    model, tokenizer = models.load(args.model)
+    rows: list[dict[str, Any]] = []
+    opt = optimize(model, example_inputs=torch.tensor([[1, 2, 3]]), lower="eager")
+    start = time.perf_counter()
+    runtime = Runtime(opt.runtime().program, lower="inductor", max_positions=opt.runtime().max_positions)
+    build_s = time.perf_counter() - start
+    batches = [int(b) for b in args.batches.split(",")]
+    for batch in batches:
+        x = _prompts(tokenizer, batch, args.prompt)
+        start = time.perf_counter()
+        runtime.generate(x, max_new_tokens=2, eos_token_id=[])
+        compile_s = time.perf_counter() - start
+        rows.append({"system": "hf-eager", "batch": batch, **hf_decode(model, x, args.new)})
+        rows.append({"system": "dscompile", "batch": batch, "decode_compile_s": compile_s,
+                     **ours_decode(runtime, x, args.new)})
+        print(f"batch {batch}: HF eager {rows[-2]['decode_tokens_per_s']:.1f} tok/s, "
+              f"dscompile {rows[-1]['decode_tokens_per_s']:.1f} tok/s", flush=True)
+    if not args.skip_hf_compile:
+        model.generation_config.cache_implementation = "static"
+        compiled_forward = torch.compile(model.forward, fullgraph=True)
+        eager_forward, model.forward = model.forward, compiled_forward
+        for batch in batches:
+            x = _prompts(tokenizer, batch, args.prompt)
+            compile_s = _timed(lambda x=x: model.generate(x, max_new_tokens=2, do_sample=False))
+            rows.append({"system": "hf-compile-static", "batch": batch, "compile_s": compile_s,
+                         **hf_decode(model, x, args.new)})
+            print(f"batch {batch}: HF compiled {rows[-1]['decode_tokens_per_s']:.1f} tok/s", flush=True)
+        model.forward = eager_forward
+        model.generation_config.cache_implementation = None
+
+    prefill: dict[str, Any] = {"tokens": args.prefill}
+    x = _prompts(tokenizer, 1, args.prefill)
+    with torch.no_grad():
+        model(x, use_cache=False)
+        prefill["hf_eager_tokens_per_s"] = args.prefill / _timed(lambda: model(x, use_cache=False))
+    runtime.generate(x, max_new_tokens=1, eos_token_id=[])
+    runtime.generate(x, max_new_tokens=1, eos_token_id=[])
+    prefill["dscompile_tokens_per_s"] = args.prefill / runtime.monitor.last.time_to_first_token_s
+    print(f"prefill {args.prefill}: HF eager {prefill['hf_eager_tokens_per_s']:.0f} tok/s, "
+          f"dscompile {prefill['dscompile_tokens_per_s']:.0f} tok/s", flush=True)
+
+    long_rows = []
+    if args.long:
+        for batch in batches:
+            x = _prompts(tokenizer, batch, args.long - 16)
+            with peak_memory(torch.device("cpu")):
+                runtime.generate(x, max_new_tokens=16, eos_token_id=[])
+            stats = runtime.monitor.last
+            long_rows.append({"batch": batch, "context": args.long, "cache_bytes": stats.cache_bytes,
+                              "peak_memory_bytes": stats.peak_memory_bytes,
+                              "decode_tokens_per_s": stats.decode_tokens_per_s,
+                              "prefill_s": stats.time_to_first_token_s})
+            print(f"long {args.long} batch {batch}: cache {stats.cache_bytes / 2**20:.0f} MiB, peak "
+                  f"{stats.peak_memory_bytes / 2**20:.0f} MiB, decode {stats.decode_tokens_per_s:.1f} tok/s",
+                  flush=True)
+
+    base = {r["batch"]: r["decode_tokens_per_s"] for r in rows if r["system"] == "hf-eager"}
+    print(f"\n{'system':<20}{'batch':>6}{'decode tok/s':>14}{'vs HF eager':>13}{'first token s':>15}")
+    for r in rows:
+        print(f"{r['system']:<20}{r['batch']:>6}{r['decode_tokens_per_s']:>14.1f}"
+              f"{r['decode_tokens_per_s'] / base[r['batch']]:>12.2f}x{r['first_token_s']:>15.3f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": args.model, "machine": platform.platform(), "threads": torch.get_num_threads(),
+                               "runtime_build_s": build_s, "decode": rows, "prefill": prefill, "long": long_rows},
+                              indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
