@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     p_opt.add_argument("--lower", default="inductor", choices=("inductor", "eager", "tensorrt"))
     p_opt.add_argument("--window", type=int, default=256, help="tokens per perplexity window")
     p_opt.add_argument("--windows", type=int, default=8, help="held-out windows to measure perplexity on")
+    p_opt.add_argument("--generate", type=int, default=32, help="new tokens to generate in the runtime (0: skip)")
 
     p_onnx = sub.add_parser("export-onnx", help="export token ids -> logits to ONNX, checked in onnxruntime")
     model_args(p_onnx)
@@ -132,8 +133,23 @@ def _optimize(args: argparse.Namespace) -> dict[str, Any]:
     for label, b, a, fmt in rows:
         change = f"{(a / b - 1) * 100:+.2f}%" if b else "n/a"
         print(f"{label:<34}{fmt.format(b):>14}{fmt.format(a):>14}{change:>10}")
-    return {"profile": profile.to_dict(), "before": before, "after": after, "compile_seconds": compile_s,
-            "report": report}
+    result = {"profile": profile.to_dict(), "before": before, "after": after, "compile_seconds": compile_s,
+              "report": report}
+    if args.generate > 0:
+        result["generation"] = _generate(optimized, tokenizer, args.generate)
+    return result
+
+
+def _generate(optimized: Any, tokenizer: Any, new_tokens: int) -> dict[str, Any]:
+    """Greedy generation in the runtime that owns the KV cache, with the monitor's figures."""
+    prompt = "def fibonacci(n):"
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]], dtype=torch.long)
+    log.info("generating %d tokens (the decode step compiles once)", new_tokens)
+    out = optimized.generate(ids, max_new_tokens=new_tokens)
+    stats = optimized.monitor.last
+    print(f"\ngenerated: {tokenizer.decode(out[0, ids.shape[1]:])!r}")
+    print(f"generation: {stats}")
+    return {"prompt": prompt, "tokens": out[0].tolist(), **stats.to_dict()}
 
 
 def _export_onnx(args: argparse.Namespace) -> dict[str, Any]:

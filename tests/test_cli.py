@@ -33,6 +33,8 @@ def test_optimize_main_job_on_smollm2(tmp_path, capsys):
     assert result["before"]["perplexity"] == pytest.approx(result["after"]["perplexity"], rel=1e-4)
     assert 1.0 < result["before"]["perplexity"] < 100.0
     assert result["report"]["matches"]["counts"] == {"attention": 30, "ffn": 30, "lm_head": 1}
+    assert "generation: batch 1" in printed and "tok/s" in printed
+    assert result["generation"]["new_tokens"] == 32 and result["generation"]["cache_bytes"] > 0
 
 
 @pytest.mark.slow

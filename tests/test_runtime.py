@@ -22,6 +22,14 @@ def _logits(output):
 
 
 @pytest.fixture(scope="module")
+def tiny_opt():
+    """One optimized tiny Llama whose runtime is built once for the request-validation tests."""
+    opt = dscompile.optimize(tiny_llama(), example_inputs=ids(), lower="eager")
+    opt.runtime()
+    return opt
+
+
+@pytest.fixture(scope="module")
 def programs():
     cache: dict[str, object] = {}
 
@@ -212,15 +220,16 @@ def test_streaming_and_monitor():
     ({"input_ids": ids(2, 4), "attention_mask": torch.ones(2, 3), "max_new_tokens": 2}, "differs from input_ids"),
     ({"input_ids": ids(1, 3), "attention_mask": torch.tensor([[1, 1, 0]]), "max_new_tokens": 2}, "on the left"),
 ])
-def test_bad_requests_fail_before_work(kwargs, message):
-    opt = dscompile.optimize(tiny_llama(), example_inputs=ids(), lower="eager")
+def test_bad_requests_fail_before_work(kwargs, message, tiny_opt):
+    opt = tiny_opt
+    calls = len(opt.monitor.history)
     with pytest.raises(ConfigError, match=message):
         opt.generate(**kwargs)
-    assert opt.monitor.last is None
+    assert len(opt.monitor.history) == calls  # refused before any work was recorded
 
 
-def test_max_length_counts_the_prompt():
-    opt = dscompile.optimize(tiny_llama(), example_inputs=ids(), lower="eager")
+def test_max_length_counts_the_prompt(tiny_opt):
+    opt = tiny_opt
     assert opt.generate(ids(1, 4), max_length=10).shape == (1, 10)
     with pytest.raises(ConfigError, match="valid: inductor, eager"):
         Runtime(opt.runtime().program, lower="tvm")

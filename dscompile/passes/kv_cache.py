@@ -23,7 +23,7 @@ from torch.fx import GraphModule, Node
 from ..capture import CapturedGraph, check_model, from_fx
 from ..errors import CaptureError, ConfigError, MatchError, UnsupportedError
 from ..patterns import AttentionMatch, MatchSet, match_all, ops
-from ..patterns.attention import _eager_anchor as eager_anchor
+from ..patterns.attention import eager_anchor
 from ..patterns.walk import shape
 
 log = logging.getLogger("dscompile")

@@ -64,7 +64,8 @@ def _is_bool(node: Node) -> bool:
     return dtype(node) == torch.bool
 
 
-def _eager_anchor(cg: CapturedGraph, softmax: Node) -> _Anchor | str:
+def eager_anchor(cg: CapturedGraph, softmax: Node) -> _Anchor | str:
+    """The ``Q @ K^T -> ... -> softmax -> @ V`` chain around ``softmax`` (scores, mask, V matmul), or why not."""
     src = softmax.args[0] if softmax.args else None
     if not isinstance(src, Node):
         return "softmax without a tensor input"
@@ -144,7 +145,7 @@ def match_attention(cg: CapturedGraph) -> tuple[list[AttentionMatch], list[NearM
         if cls == ops.SDPA:
             anchor: _Anchor | str = _sdpa_anchor(node)
         elif cls == ops.SOFTMAX:
-            anchor = _eager_anchor(cg, node)
+            anchor = eager_anchor(cg, node)
         else:
             continue
         result = anchor if isinstance(anchor, str) else _build(cg, anchor)
