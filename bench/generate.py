@@ -2,9 +2,9 @@
 
 Usage: .venv/bin/python bench/generate.py [--model smollm2] [--skip-hf-compile] [--long 8192] [--out ...]
 
-Decode tokens/s (prompt 128, 128 new tokens, greedy) at batch 1 and 8: for HF, the time of generating 128 tokens
-minus the time of generating 1 (so prefill is excluded the same way for every system); for ours, the monitor's
-decode time. Prefill tokens/s at 2048 tokens. A long run at --long tokens of context (batch 1 and 8) reports cache
+Decode tokens/s (prompt 128, 128 new tokens, greedy) at batch 1 and 8: the time from the first new token to the
+last, measured by a streamer for HF and by the monitor for ours (the same interval), after one warm-up call.
+Prefill tokens/s at 2048 tokens. A long run at --long tokens of context (batch 1 and 8) reports cache
 bytes and peak memory. All ratios are against HF eager in the same run.
 """
 
@@ -38,14 +38,34 @@ def _timed(fn: Any) -> float:
     return time.perf_counter() - start
 
 
+class StepClock:
+    """A streamer that notes when each step's tokens arrive (the prompt arrives first in HF's generate)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, tokens: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def decode_rate(self, batch: int, new: int) -> float:
+        steps = self.times[-new:]
+        return batch * (len(steps) - 1) / (steps[-1] - steps[0])
+
+
 def hf_decode(model: Any, x: torch.Tensor, new: int, **extra: Any) -> dict[str, float]:
-    def run(n: int) -> float:
+    def run() -> tuple[StepClock, float]:
+        clock = StepClock()
+        start = time.perf_counter()
         with torch.no_grad():
-            return _timed(lambda: model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
-                                                 min_new_tokens=n, do_sample=False, **extra))
-    run(2)  # warm-up (and compile, for the compiled variant)
-    total, first = run(new), run(1)
-    return {"decode_tokens_per_s": x.shape[0] * (new - 1) / max(total - first, 1e-9), "first_token_s": first}
+            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False, streamer=clock, **extra)
+        return clock, clock.times[-new] - start
+    run()  # warm-up (and compile, for the compiled variant)
+    clock, first = run()
+    return {"decode_tokens_per_s": clock.decode_rate(x.shape[0], new), "first_token_s": first}
 
 
 def ours_decode(runtime: Runtime, x: torch.Tensor, new: int) -> dict[str, float]:
@@ -77,26 +97,27 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     for batch in batches:
         x = _prompts(tokenizer, batch, args.prompt)
-        start = time.perf_counter()
-        runtime.generate(x, max_new_tokens=2, eos_token_id=[])
-        compile_s = time.perf_counter() - start
+        compile_s = runtime.warm_up(batch, args.prompt + args.new)
         rows.append({"system": "hf-eager", "batch": batch, **hf_decode(model, x, args.new)})
         rows.append({"system": "dscompile", "batch": batch, "decode_compile_s": compile_s,
                      **ours_decode(runtime, x, args.new)})
         print(f"batch {batch}: HF eager {rows[-2]['decode_tokens_per_s']:.1f} tok/s, "
               f"dscompile {rows[-1]['decode_tokens_per_s']:.1f} tok/s", flush=True)
     if not args.skip_hf_compile:
-        model.generation_config.cache_implementation = "static"
-        compiled_forward = torch.compile(model.forward, fullgraph=True)
-        eager_forward, model.forward = model.forward, compiled_forward
+        from transformers import CompileConfig
+
+        # transformers compiles the decode forward itself when the cache is static; on CPU only when asked to.
+        config = CompileConfig(fullgraph=True, dynamic=False)
+        config._compile_all_devices = True
+        static = {"cache_implementation": "static", "compile_config": config}
         for batch in batches:
             x = _prompts(tokenizer, batch, args.prompt)
-            compile_s = _timed(lambda x=x: model.generate(x, max_new_tokens=2, do_sample=False))
+            compile_s = _timed(lambda x=x: model.generate(x, attention_mask=torch.ones_like(x),
+                                                          max_new_tokens=args.new, do_sample=False, **static))
             rows.append({"system": "hf-compile-static", "batch": batch, "compile_s": compile_s,
-                         **hf_decode(model, x, args.new)})
-            print(f"batch {batch}: HF compiled {rows[-1]['decode_tokens_per_s']:.1f} tok/s", flush=True)
-        model.forward = eager_forward
-        model.generation_config.cache_implementation = None
+                         **hf_decode(model, x, args.new, **static)})
+            print(f"batch {batch}: HF compiled {rows[-1]['decode_tokens_per_s']:.1f} tok/s "
+                  f"(compiled in {compile_s:.0f} s)", flush=True)
 
     prefill: dict[str, Any] = {"tokens": args.prefill}
     x = _prompts(tokenizer, 1, args.prefill)
@@ -113,6 +134,7 @@ def main() -> None:
     if args.long:
         for batch in batches:
             x = _prompts(tokenizer, batch, args.long - 16)
+            runtime.warm_up(batch, args.long)  # compiling the step for this capacity is not decoding
             with peak_memory(torch.device("cpu")):
                 runtime.generate(x, max_new_tokens=16, eos_token_id=[])
             stats = runtime.monitor.last

@@ -122,6 +122,7 @@ def test_inductor_decode_is_exact_and_compiled_once():
     opt = dscompile.optimize(model, example_inputs=ids(), lower="eager")
     runtime = Runtime(opt.runtime().program, lower="inductor")
     x = ids(2, 5)
+    assert runtime.warm_up(2, 17) > 0 and runtime.capacity_for(17) == 128
     first = runtime.generate(x, max_new_tokens=12)
     second = runtime.generate(x, max_new_tokens=12)
     with torch.no_grad():

@@ -71,6 +71,26 @@ class Runtime:
                 self._decode = torch.compile(self.program.gm, dynamic=False, fullgraph=True, mode=mode)
         return self._decode
 
+    def capacity_for(self, total: int) -> int:
+        """Cache slots for ``total`` tokens: rounded up to a bucket, so similar lengths share one compiled step."""
+        capacity = -(-total // BUCKET) * BUCKET
+        if self.max_positions is not None:
+            capacity = min(capacity, max(self.max_positions, total))
+        return capacity
+
+    @torch.no_grad()
+    def warm_up(self, batch: int, total_tokens: int) -> float:
+        """Compile the decode step for ``batch`` rows and ``total_tokens`` (prompt + new) ahead of generation;
+        returns the seconds it took."""
+        clock = Stopwatch(self.device)
+        capacity = self.capacity_for(total_tokens)
+        caches = self.program.new_caches(batch, capacity, self.device)
+        valid = torch.ones(batch, capacity, dtype=torch.bool, device=self.device)
+        token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self._run(self.decode_step(), token, token, torch.zeros(1, dtype=torch.long, device=self.device), valid,
+                  caches)
+        return clock.lap()
+
     def _run(self, fn: Callable[..., Any], ids: torch.Tensor, positions: torch.Tensor, cache_position: torch.Tensor,
              key_valid: torch.Tensor, caches: list[torch.Tensor]) -> torch.Tensor:
         biases = [attention_bias(key_valid, cache_position, w, self.program.dtype) for w in self.program.windows]
@@ -105,9 +125,7 @@ class Runtime:
             )
         eos = _as_set(eos_token_id if eos_token_id is not None else self.eos_token_id)
         pad = self.pad_token_id if self.pad_token_id is not None else (min(eos) if eos else 0)
-        capacity = -(-total // BUCKET) * BUCKET
-        if self.max_positions is not None:
-            capacity = min(capacity, max(self.max_positions, total))
+        capacity = self.capacity_for(total)
         device = self.device
         ids, mask = ids.to(device), mask.to(device)
         caches = self.program.new_caches(batch, capacity, device)
