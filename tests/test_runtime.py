@@ -100,9 +100,9 @@ def test_greedy_matches_transformers_generate(name, programs):
             mask[2, :1] = 0
             x = x.masked_fill(mask == 0, 0)
         with torch.no_grad():
-            expected = model.generate(x, attention_mask=mask, max_new_tokens=24, do_sample=False,
+            expected = model.generate(x, attention_mask=mask, max_new_tokens=64, do_sample=False,
                                       eos_token_id=None, pad_token_id=0)
-        got = runtime.generate(x, attention_mask=mask, max_new_tokens=24)
+        got = runtime.generate(x, attention_mask=mask, max_new_tokens=64)
         assert got.shape == expected.shape
         _assert_same_or_near_tie(model, got, expected, mask)
 
@@ -113,8 +113,8 @@ def test_greedy_matches_full_recompute_on_hand_written_models(name, programs):
     runtime = Runtime(programs(name), lower="eager", max_positions=programs(name).max_positions)
     for batch in (1, 4):
         x = torch.randint(0, expect.vocab, (batch, 6), generator=torch.Generator().manual_seed(batch))
-        got = runtime.generate(x, max_new_tokens=16)
-        _assert_same_or_near_tie(model, got, _full_recompute_greedy(model, x, 16))
+        got = runtime.generate(x, max_new_tokens=64)
+        _assert_same_or_near_tie(model, got, _full_recompute_greedy(model, x, 64))
 
 
 def test_inductor_decode_is_exact_and_compiled_once():

@@ -73,7 +73,7 @@ def _hf(config_cls: type, model_cls: type, vocab: int, attn: str = "sdpa", **cfg
 
 
 _LLAMA_LIKE = dict(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                   max_position_embeddings=64)
+                   max_position_embeddings=128)
 
 
 def llama(attn: str = "sdpa") -> Built:
@@ -111,7 +111,7 @@ def mistral() -> Built:
 def gpt2() -> Built:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    model, ids = _hf(GPT2Config, GPT2LMHeadModel, 200, n_positions=64, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
+    model, ids = _hf(GPT2Config, GPT2LMHeadModel, 200, n_positions=128, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
                      n_inner=FFN, bos_token_id=0, eos_token_id=0)
     return model, ids, Expect(vocab=200, gated=False, activation="gelu_tanh", tied=True, fused_qkv=True,
                               **NO_ROPE)
@@ -121,7 +121,7 @@ def opt() -> Built:
     from transformers import OPTConfig, OPTForCausalLM
 
     model, ids = _hf(OPTConfig, OPTForCausalLM, 144, hidden_size=HIDDEN, ffn_dim=FFN, num_hidden_layers=LAYERS,
-                     num_attention_heads=HEADS, word_embed_proj_dim=HIDDEN, max_position_embeddings=64,
+                     num_attention_heads=HEADS, word_embed_proj_dim=HIDDEN, max_position_embeddings=128,
                      pad_token_id=1)
     return model, ids, Expect(vocab=144, gated=False, activation="relu", tied=True, **NO_ROPE)
 
@@ -130,7 +130,7 @@ def gpt_neox() -> Built:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     model, ids = _hf(GPTNeoXConfig, GPTNeoXForCausalLM, 176, hidden_size=HIDDEN, intermediate_size=FFN,
-                     num_hidden_layers=LAYERS, num_attention_heads=HEADS, max_position_embeddings=64,
+                     num_hidden_layers=LAYERS, num_attention_heads=HEADS, max_position_embeddings=128,
                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
     return model, ids, Expect(vocab=176, gated=False, activation="gelu", rope_dim=HEAD_DIM // 2, fused_qkv=True)
 
@@ -210,7 +210,7 @@ class NanoBlock(nn.Module):
 class NanoGPT(nn.Module):
     """nanoGPT: learned positions from ``torch.arange``, tied ``wte``/``lm_head``."""
 
-    def __init__(self, vocab: int, block: int = 32):
+    def __init__(self, vocab: int, block: int = 80):
         super().__init__()
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(vocab, HIDDEN), wpe=nn.Embedding(block, HIDDEN),
@@ -337,7 +337,7 @@ class MetaBlock(nn.Module):
 class MetaLlama(nn.Module):
     """Meta's reference Llama ``Transformer`` (start position 0): ``torch.full(-inf).triu`` additive mask."""
 
-    def __init__(self, vocab: int, max_seq: int = 32):
+    def __init__(self, vocab: int, max_seq: int = 80):
         super().__init__()
         self.tok_embeddings = nn.Embedding(vocab, HIDDEN)
         self.layers = nn.ModuleList(MetaBlock() for _ in range(LAYERS))
@@ -512,7 +512,7 @@ class ParallelBlock(nn.Module):
 class TableLM(nn.Module):
     """Parallel attention/MLP blocks over cos/sin tables and a bool causal buffer; LM head with a bias."""
 
-    def __init__(self, vocab: int, max_seq: int = 32):
+    def __init__(self, vocab: int, max_seq: int = 80):
         super().__init__()
         self.wte = nn.Embedding(vocab, HIDDEN)
         self.blocks = nn.ModuleList(ParallelBlock() for _ in range(LAYERS))
