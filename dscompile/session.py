@@ -69,9 +69,3 @@ _last = CompileSession()
 def last_session() -> CompileSession:
     """The session of the most recent ``torch.compile(..., backend="deepseek_opt")`` without its own session."""
     return _last
-
-
-def new_default_session() -> CompileSession:
-    global _last
-    _last = CompileSession()
-    return _last

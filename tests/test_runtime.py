@@ -280,3 +280,24 @@ def test_last_position_logits_only_by_default():
         torch.testing.assert_close(out, model(x).logits[:, -1:], atol=1e-5, rtol=0)
     with pytest.raises(ConfigError, match="'last' or 'all'"):
         build_cached_program(model, logits="some")
+
+
+@pytest.mark.parametrize("path", ["export", "dynamo"])
+def test_value_heads_wider_than_query_heads_match(path):
+    from wide_values import HEADS, QK_DIM, V_DIM, wide_value_lm
+
+    matches = dscompile.inspect(wide_value_lm(), torch.randint(0, 72, (2, 6)), path=path)
+    (attn,) = matches.attention
+    assert (attn.head_dim, attn.v_head_dim, attn.n_heads) == (QK_DIM, V_DIM, HEADS)
+    assert attn.kv_width == HEADS * (QK_DIM + V_DIM) and attn.causal is True
+
+
+def test_value_heads_wider_than_query_heads_generate_exactly():
+    from wide_values import V_DIM, wide_value_lm
+
+    model = wide_value_lm()
+    program = build_cached_program(model)
+    assert [(layer.head_dim, layer.v_head_dim) for layer in program.layers] == [(16, V_DIM)]
+    runtime = Runtime(program, lower="eager")
+    x = torch.randint(0, 72, (2, 5), generator=torch.Generator().manual_seed(0))
+    _assert_same_or_near_tie(model, runtime.generate(x, max_new_tokens=20), _full_recompute_greedy(model, x, 20))

@@ -201,11 +201,6 @@ def linear_info(cg: CapturedGraph, node: Node) -> LinearInfo | None:
     return LinearInfo(node, x, ref, bias_ref, in_f, out_f, layout)
 
 
-def is_projection(cg: CapturedGraph) -> Callable[[Node], bool]:
-    """A predicate: is this node a projection by a weight?"""
-    return lambda n: linear_info(cg, n) is not None
-
-
 _DYNAMO_ROOT = re.compile(r"^L\[['\"](self|fn|model|mod)['\"]\]\.?")
 
 
