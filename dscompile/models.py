@@ -201,7 +201,7 @@ def _fingerprint(path: Path) -> str:
 
 def _load_embedded(spec: ModelSpec, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     gguf = gguf_path(spec.name)
-    folder = cache_dir() / "models" / f"{spec.name}-{_fingerprint(gguf)}"
+    folder = cache_path(spec.name)
     if folder.exists():
         try:
             return _load_cache(folder, dtype)

@@ -106,10 +106,10 @@ def build_cached_program(model: torch.nn.Module, *, example_length: int = 8, log
     if not matches.attention:
         raise MatchError(f"no attention matched in {type(model).__name__}: there is no KV cache to own")
     dtype = _cache_dtype(matches)
-    program = _rewrite(captured, matches, config, takes_positions, dtype, ids_name)
+    takes_mask = takes_positions and _accepts(model, "attention_mask")
+    program = _rewrite(captured, matches, config, takes_positions, takes_mask, dtype, ids_name)
     if logits == "last":
         _last_position_only(program)
-    program.takes_attention_mask = takes_positions and _accepts(model, "attention_mask")
     log.info("kv_cache: %d layers cached, %d bytes per token%s", len(program.layers),
              program.cache_bytes_per_token(), "".join(f"; {n}" for n in program.notes))
     return program
@@ -185,7 +185,7 @@ def _cache_dtype(matches: MatchSet) -> torch.dtype:
     return tensor.dtype if tensor is not None else torch.float32
 
 
-def _rewrite(captured: CapturedGraph, matches: MatchSet, config: Any, takes_positions: bool,
+def _rewrite(captured: CapturedGraph, matches: MatchSet, config: Any, takes_positions: bool, takes_mask: bool,
              dtype: torch.dtype, ids_name: str) -> CachedProgram:
     gm = captured.gm
     graph = gm.graph
@@ -237,7 +237,7 @@ def _rewrite(captured: CapturedGraph, matches: MatchSet, config: Any, takes_posi
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
-    return CachedProgram(gm, layers, windows, dtype, False, matches, notes, min(limits) if limits else None)
+    return CachedProgram(gm, layers, windows, dtype, takes_mask, matches, notes, min(limits) if limits else None)
 
 
 def _cache_source(graph: torch.fx.Graph, node: Node, kv_heads: int, where: str) -> Node:
