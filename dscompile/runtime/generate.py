@@ -86,8 +86,10 @@ class Runtime:
         capacity = self.capacity_for(total_tokens)
         caches = self.program.new_caches(batch, capacity, self.device)
         valid = torch.ones(batch, capacity, dtype=torch.bool, device=self.device)
+        # Distinct tensors for every input: Dynamo guards on aliasing, and generate never passes one twice.
         token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
-        self._run(self.decode_step(), token, token, torch.zeros(1, dtype=torch.long, device=self.device), valid,
+        position = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self._run(self.decode_step(), token, position, torch.zeros(1, dtype=torch.long, device=self.device), valid,
                   caches)
         return clock.lap()
 
