@@ -9,16 +9,13 @@ from zoo import ZOO, built
 
 import dscompile
 from dscompile import ConfigError, MatchError, UnsupportedError
+from dscompile.evaluate import logits_of
 from dscompile.passes.kv_cache import build_cached_program, layer_windows
 from dscompile.runtime import Runtime, choose_next
 from dscompile.runtime.generate import attention_bias
 
 HF = [n for n in ZOO if n not in ("nanogpt", "meta_llama", "sdpa_lm", "table_lm")]
 HAND_WRITTEN = ["nanogpt", "meta_llama", "sdpa_lm", "table_lm"]
-
-
-def _logits(output):
-    return output.logits if hasattr(output, "logits") else output
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +49,7 @@ def test_prefill_then_decode_equals_full_forward(name, programs):
     valid = torch.zeros(batch, capacity, dtype=torch.bool)
     pieces = []
     with torch.no_grad():
-        reference = _logits(model(x))
+        reference = logits_of(model(x))
         for start, end in ((0, 5), (5, 6), (6, 7), (7, 9)):
             valid[:, start:end] = True
             slots = torch.arange(start, end)
@@ -68,7 +65,7 @@ def _full_recompute_greedy(model, x, new):
     out = x
     with torch.no_grad():
         for _ in range(new):
-            nxt = _logits(model(out))[:, -1].argmax(-1, keepdim=True)
+            nxt = logits_of(model(out))[:, -1].argmax(-1, keepdim=True)
             out = torch.cat([out, nxt], dim=1)
     return out
 
@@ -84,7 +81,7 @@ def _assert_same_or_near_tie(model, got, expected, prompt_mask=None):
         "attention_mask": torch.cat([prompt_mask[row:row + 1], torch.ones(1, col - prompt_mask.shape[1],
                                                                              dtype=torch.long)], dim=1)}
     with torch.no_grad():
-        top = _logits(model(prefix, **kwargs))[0, -1].topk(2).values
+        top = logits_of(model(prefix, **kwargs))[0, -1].topk(2).values
     assert float(top[0] - top[1]) < 1e-4, f"row {row} differs at {col} without a near-tie"
 
 
