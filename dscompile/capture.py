@@ -350,15 +350,22 @@ def _fresh_dynamo() -> Iterator[None]:
         torch._dynamo.reset()
 
 
+def forward_accepts(model: torch.nn.Module, name: str) -> bool:
+    """True when ``model.forward`` has a parameter called ``name``."""
+    import inspect
+
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _prefer_no_cache(model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Hugging Face models build a KV cache object by default; the cache-free forward is what we match."""
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "use_cache") and "use_cache" not in kwargs:
-        import inspect
-
-        with contextlib.suppress(TypeError, ValueError):
-            if "use_cache" in inspect.signature(model.forward).parameters:
-                return {**kwargs, "use_cache": False}
+    if (config is not None and hasattr(config, "use_cache") and "use_cache" not in kwargs
+            and forward_accepts(model, "use_cache")):
+        return {**kwargs, "use_cache": False}
     return kwargs
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from ..capture import CapturedGraph, check_model, from_fx
+from ..capture import CapturedGraph, check_model, forward_accepts, from_fx
 from ..errors import CaptureError, ConfigError, MatchError, UnsupportedError
 from ..patterns import AttentionMatch, MatchSet, match_all, ops
 from ..patterns.attention import eager_anchor
@@ -89,16 +89,16 @@ def build_cached_program(model: torch.nn.Module, *, example_length: int = 8, log
     if logits not in ("last", "all"):
         raise ConfigError(f"logits must be 'last' or 'all', got {logits!r}")
     check_model(model)
-    takes_positions = _accepts(model, "position_ids")
+    takes_positions = forward_accepts(model, "position_ids")
     config = getattr(model, "config", None)
     length = max(example_length, _longest_window(config) + 1)
     vocab = _vocab_size(model)
     ids = torch.randint(0, vocab, (2, length), generator=torch.Generator().manual_seed(0))
-    ids_name = "input_ids" if _accepts(model, "input_ids") else _first_parameter(model)
+    ids_name = "input_ids" if forward_accepts(model, "input_ids") else _first_parameter(model)
     kwargs: dict[str, Any] = {ids_name: ids}
     if takes_positions:
         kwargs["position_ids"] = torch.arange(length).expand(2, -1)
-    if config is not None and _accepts(model, "use_cache"):
+    if config is not None and forward_accepts(model, "use_cache"):
         kwargs["use_cache"] = False
     gm, inputs = _export(model, kwargs)
     captured = from_fx(gm, inputs)
@@ -106,21 +106,13 @@ def build_cached_program(model: torch.nn.Module, *, example_length: int = 8, log
     if not matches.attention:
         raise MatchError(f"no attention matched in {type(model).__name__}: there is no KV cache to own")
     dtype = _cache_dtype(matches)
-    takes_mask = takes_positions and _accepts(model, "attention_mask")
+    takes_mask = takes_positions and forward_accepts(model, "attention_mask")
     program = _rewrite(captured, matches, config, takes_positions, takes_mask, dtype, ids_name)
     if logits == "last":
         _last_position_only(program)
     log.info("kv_cache: %d layers cached, %d bytes per token%s", len(program.layers),
              program.cache_bytes_per_token(), "".join(f"; {n}" for n in program.notes))
     return program
-
-
-def _accepts(model: torch.nn.Module, name: str) -> bool:
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params
 
 
 def _first_parameter(model: torch.nn.Module) -> str:
