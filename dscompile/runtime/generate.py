@@ -67,8 +67,7 @@ class Runtime:
             if self.lower == "eager":
                 self._decode = self.program.gm
             else:
-                mode = "reduce-overhead" if self.device.type == "cuda" else None
-                self._decode = torch.compile(self.program.gm, dynamic=False, fullgraph=True, mode=mode)
+                self._decode = _compile_decode(self.program.gm, self.device)
         return self._decode
 
     def capacity_for(self, total: int) -> int:
@@ -177,6 +176,16 @@ class Runtime:
             peak_memory_bytes=peak[0], device=str(device), extra={"capacity": capacity},
         ))
         return out[:, :prompt + produced]
+
+
+def _compile_decode(gm: torch.fx.GraphModule, device: torch.device) -> Callable[..., Any]:
+    """CUDA: Inductor with CUDA graphs. CPU: Inductor with thin matmuls as fused reductions (see thin_matmul)."""
+    if device.type == "cuda":
+        return torch.compile(gm, dynamic=False, fullgraph=True, mode="reduce-overhead")
+    from ..lower.thin_matmul import compile_thin  # imports Inductor: only when a step is compiled
+
+    return torch.compile(gm, dynamic=False, fullgraph=True, backend=compile_thin,
+                         options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
 
 def _check_prompt(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
