@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import llama_cpp_baseline
 import torch
 
 from dscompile import models, optimize
@@ -76,6 +77,20 @@ def ours_decode(runtime: Runtime, x: torch.Tensor, new: int) -> dict[str, float]
             "cache_bytes": stats.cache_bytes, "peak_memory_bytes": stats.peak_memory_bytes}
 
 
+def llama_cpp_row(runtime: Runtime, tokenizer: Any, name: str, prompt: int, new: int) -> dict[str, Any]:
+    """llama.cpp at batch 1 on an F32 GGUF of the same weights; also how many greedy tokens agree with ours."""
+    gguf = llama_cpp_baseline.write_f32_gguf(models.gguf_path(name), models.cache_dir() / "gguf" / f"{name}-f32.gguf")
+    x = _prompts(tokenizer, 1, prompt)
+    row = {"system": "llama.cpp-f32", "batch": 1,
+           **llama_cpp_baseline.decode_rate(gguf, x[0].tolist(), new, torch.get_num_threads())}
+    ours = runtime.generate(x, max_new_tokens=new, eos_token_id=[])[0, prompt:].tolist()
+    theirs = row.pop("tokens")
+    row["greedy_prefix_agreement"] = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), new)
+    print(f"batch 1: llama.cpp F32 {row['decode_tokens_per_s']:.1f} tok/s (greedy output equal to ours for "
+          f"{row['greedy_prefix_agreement']} of {new} tokens)", flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
@@ -85,6 +100,7 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=2048)
     parser.add_argument("--long", type=int, default=8192, help="context of the long run (0 to skip)")
     parser.add_argument("--skip-hf-compile", action="store_true", help="skip HF + torch.compile + static cache")
+    parser.add_argument("--skip-llama-cpp", action="store_true", help="skip llama.cpp even when installed")
     parser.add_argument("--out", default="bench/results/generate.json")
     args = parser.parse_args()
 
@@ -102,7 +118,9 @@ def main() -> None:
         rows.append({"system": "dscompile", "batch": batch, "decode_compile_s": compile_s,
                      **ours_decode(runtime, x, args.new)})
         print(f"batch {batch}: HF eager {rows[-2]['decode_tokens_per_s']:.1f} tok/s, "
-              f"dscompile {rows[-1]['decode_tokens_per_s']:.1f} tok/s", flush=True)
+              f"dscompile {rows[-1]['decode_tokens_per_s']:.1f} tok/s (step compiled in {compile_s:.0f} s)", flush=True)
+    if 1 in batches and not args.skip_llama_cpp and llama_cpp_baseline.available():
+        rows.append(llama_cpp_row(runtime, tokenizer, args.model, args.prompt, args.new))
     if not args.skip_hf_compile:
         from transformers import CompileConfig
 
@@ -120,15 +138,16 @@ def main() -> None:
                   f"(compiled in {compile_s:.0f} s)", flush=True)
 
     prefill: dict[str, Any] = {"tokens": args.prefill}
-    x = _prompts(tokenizer, 1, args.prefill)
-    with torch.no_grad():
-        model(x, use_cache=False)
-        prefill["hf_eager_tokens_per_s"] = args.prefill / _timed(lambda: model(x, use_cache=False))
-    runtime.generate(x, max_new_tokens=1, eos_token_id=[])
-    runtime.generate(x, max_new_tokens=1, eos_token_id=[])
-    prefill["dscompile_tokens_per_s"] = args.prefill / runtime.monitor.last.time_to_first_token_s
-    print(f"prefill {args.prefill}: HF eager {prefill['hf_eager_tokens_per_s']:.0f} tok/s, "
-          f"dscompile {prefill['dscompile_tokens_per_s']:.0f} tok/s", flush=True)
+    if args.prefill:
+        x = _prompts(tokenizer, 1, args.prefill)
+        with torch.no_grad():
+            model(x, use_cache=False)
+            prefill["hf_eager_tokens_per_s"] = args.prefill / _timed(lambda: model(x, use_cache=False))
+        runtime.generate(x, max_new_tokens=1, eos_token_id=[])
+        runtime.generate(x, max_new_tokens=1, eos_token_id=[])
+        prefill["dscompile_tokens_per_s"] = args.prefill / runtime.monitor.last.time_to_first_token_s
+        print(f"prefill {args.prefill}: HF eager {prefill['hf_eager_tokens_per_s']:.0f} tok/s, "
+              f"dscompile {prefill['dscompile_tokens_per_s']:.0f} tok/s", flush=True)
 
     long_rows = []
     if args.long:
