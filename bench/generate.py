@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -101,8 +103,12 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=8192, help="context of the long run (0 to skip)")
     parser.add_argument("--skip-hf-compile", action="store_true", help="skip HF + torch.compile + static cache")
     parser.add_argument("--skip-llama-cpp", action="store_true", help="skip llama.cpp even when installed")
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="reuse Inductor's on-disk cache (default: a fresh one, so compile times are cold)")
     parser.add_argument("--out", default="bench/results/generate.json")
     args = parser.parse_args()
+    if not args.warm_cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="dscompile-bench-inductor-")
 
     model, tokenizer = models.load(args.model)
     rows: list[dict[str, Any]] = []

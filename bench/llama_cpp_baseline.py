@@ -28,6 +28,7 @@ def write_f32_gguf(source: Path, target: Path) -> Path:
         return target
     reader = gguf.GGUFReader(source)
     arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
     writer = gguf.GGUFWriter(tmp, arch=arch, endianess=reader.endianess)
     for field in reader.fields.values():

@@ -59,7 +59,8 @@ def _thin_product(graph: Graph, a: Node, b: Node) -> Node:
 
     ``b`` is usually ``W.t()`` of a Linear weight ``W [N, K]``, so ``b.t()`` is ``W`` again and each output element
     reads one contiguous row of it. The output is laid out ``[N, M]`` then transposed, so a weight row serves all
-    ``M`` inputs while it is in cache.
+    ``M`` inputs while it is in cache. (A hand-written register-blocked kernel for 2-16 rows was tried: in the
+    whole decode step at batch 8 it was no faster than this reduction.)
     """
     weight = _emit(graph, aten.unsqueeze.default, _emit(graph, aten.permute.default, b, [1, 0]), 1)
     rows = _value(a)
@@ -67,9 +68,8 @@ def _thin_product(graph: Graph, a: Node, b: Node) -> Node:
         # Realise ``a`` first: inlined into the reduction, its producer (a norm, say) would be recomputed for every
         # weight row and every input row. With one row, recomputing it is free next to reading the weight.
         a = _emit(graph, inductor_prims.force_stride_order, a, _contiguous_strides(rows.shape))
-    rows = _emit(graph, aten.unsqueeze.default, a, 0)
-    reduced = _emit(graph, aten.sum.dim_IntList, _emit(graph, aten.mul.Tensor, weight, rows), [-1])
-    return _emit(graph, aten.permute.default, reduced, [1, 0])
+    products = _emit(graph, aten.mul.Tensor, weight, _emit(graph, aten.unsqueeze.default, a, 0))
+    return _emit(graph, aten.permute.default, _emit(graph, aten.sum.dim_IntList, products, [-1]), [1, 0])
 
 
 def _operands(node: Node) -> tuple[Node | None, Node, Node] | None:
