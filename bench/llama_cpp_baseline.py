@@ -59,15 +59,19 @@ def decode_rate(model_path: Path, prompt: list[int], new: int, threads: int) -> 
     llm = Llama(model_path=str(model_path), n_ctx=len(prompt) + new + 8, n_threads=threads, n_batch=512,
                 verbose=False)
 
+    def next_token() -> int:
+        # llama-cpp-python keeps no scores unless logits_all: read the context's last row of logits.
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
+
     def run() -> tuple[list[float], list[int], float]:
         llm.reset()
         start = time.perf_counter()
         llm.eval(prompt)
-        tokens = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+        tokens = [next_token()]
         times = [time.perf_counter()]
         for _ in range(new - 1):
             llm.eval([tokens[-1]])
-            tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            tokens.append(next_token())
             times.append(time.perf_counter())
         return times, tokens, times[0] - start
 
