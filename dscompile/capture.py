@@ -148,7 +148,7 @@ def dynamo_weight_name(placeholder_name: str) -> str | None:
     if "_parameters_" not in placeholder_name and "_buffers_" not in placeholder_name:
         return None
     name = placeholder_name
-    name = re.sub(r"^l_(self|fn|model|mod)_", "", name)
+    name = re.sub(r"^l_(self|fn|model|mod|args_\d+)_", "", name)  # args_0: transformers >= 5.24 wraps forward
     name = re.sub(r"^(modules|parameters|buffers)_", "", name)  # an attribute of the root module itself
     name = name.rstrip("_")
     for part in ("_modules_", "_parameters_", "_buffers_"):

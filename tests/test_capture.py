@@ -221,6 +221,9 @@ def test_dynamo_names_root_level_weights() -> None:
     ("l_fn_parameters_weight_", "weight"),
     ("l_self_parameters_w1_", "w1"),
     ("l_self_buffers_freqs_cis_", "freqs_cis"),
+    # transformers >= 5.24 wraps forward, so Dynamo sees the model as the wrapper's first argument
+    ("l_args_0_modules_model_modules_embed_tokens_parameters_weight_", "model.embed_tokens.weight"),
+    ("l_args_1_", None),
     ("l_input_ids_", None),
     ("s0", None),
 ])
