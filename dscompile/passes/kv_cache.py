@@ -42,10 +42,11 @@ class LayerCache:
     head_dim: int
     v_head_dim: int
     window: int | None
+    latent: int | None = None  # MLA: the width of the one latent per token that replaces K and V
 
     @property
     def values_per_token(self) -> int:
-        return self.n_kv_heads * (self.head_dim + self.v_head_dim)
+        return self.latent if self.latent is not None else self.n_kv_heads * (self.head_dim + self.v_head_dim)
 
 
 @dataclass
@@ -53,7 +54,9 @@ class CachedProgram:
     """``program(input_ids, position_ids, cache_position, *biases, *caches) -> logits``, caches updated in place.
 
     ``biases`` holds one additive attention bias ``[batch, 1, tokens, capacity]`` per distinct window in
-    ``windows`` (``None`` = full causal); ``caches`` holds K then V for each layer in ``layers``.
+    ``windows`` (``None`` = full causal); ``caches`` holds K then V for each layer in ``layers`` (one latent
+    ``[batch, capacity, width]`` for an MLA layer), then, when ``slot_positions`` is set, the position id of every
+    cache slot ``[batch, capacity]`` (MLA rebuilds rotated keys from it).
     """
 
     gm: GraphModule
@@ -64,19 +67,26 @@ class CachedProgram:
     matches: MatchSet
     notes: list[str] = field(default_factory=list)
     max_positions: int | None = None  # rows of the position tables, or the config's max_position_embeddings
+    slot_positions: bool = False
 
     def cache_bytes_per_token(self) -> int:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return sum(layer.values_per_token for layer in self.layers) * itemsize
+        positions = torch.empty((), dtype=torch.long).element_size() if self.slot_positions else 0
+        return sum(layer.values_per_token for layer in self.layers) * itemsize + positions
 
     def new_caches(self, batch: int, capacity: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
-        """Zeroed K and V buffers for every layer, in program order."""
+        """Zeroed cache buffers for every layer (K and V, or one latent), in program order."""
         caches: list[torch.Tensor] = []
         for layer in self.layers:
+            if layer.latent is not None:
+                caches.append(torch.zeros(batch, capacity, layer.latent, dtype=self.dtype, device=device))
+                continue
             caches.append(torch.zeros(batch, layer.n_kv_heads, capacity, layer.head_dim, dtype=self.dtype,
                                       device=device))
             caches.append(torch.zeros(batch, layer.n_kv_heads, capacity, layer.v_head_dim, dtype=self.dtype,
                                       device=device))
+        if self.slot_positions:
+            caches.append(torch.zeros(batch, capacity, dtype=torch.long, device=device))
         return caches
 
 

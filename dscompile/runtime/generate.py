@@ -169,10 +169,9 @@ class Runtime:
                 next_token = choose_next(logits[:, -1], **sample)
             decode_s = clock.lap()
         _stream_end(streamer)
-        itemsize = torch.empty((), dtype=self.program.dtype).element_size()
         self.monitor.record(GenerationStats(
             batch=batch, prompt_tokens=prompt, new_tokens=produced, time_to_first_token_s=first_token_s,
-            decode_s=decode_s, cache_bytes=sum(c.numel() for c in caches) * itemsize,
+            decode_s=decode_s, cache_bytes=sum(c.numel() * c.element_size() for c in caches),
             peak_memory_bytes=peak[0], device=str(device), extra={"capacity": capacity},
         ))
         return out[:, :prompt + produced]

@@ -1,0 +1,109 @@
+"""MLA (reconstruct mode) on the embedded model, training-free: perplexity and KV bytes per token by kv_ratio.
+
+Usage: .venv/bin/python bench/mla.py [--ratios 0.75,0.5,0.25] [--v-weight 1.0] [--strategy uniform]
+                                      [--windows 8] [--out bench/results/mla.json]
+
+Calibration: the first part of Python's documentation topics (pydoc_data). Evaluation on text calibration did not
+see: a later part of the same documentation, and, as another domain, Python source code (the standard library's
+``inspect`` and ``typing`` modules). Perplexity is computed from the runtime program's prefill logits, the
+baseline being the same program without MLA, in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import platform
+import time
+import typing
+from pathlib import Path
+
+import torch
+
+from dscompile import models
+from dscompile.passes import mla
+from dscompile.passes.kv_cache import CachedProgram, build_cached_program
+from dscompile.runtime.generate import attention_bias
+
+WINDOW = 256
+
+
+def _windows(ids: list[int], count: int) -> list[torch.Tensor]:
+    rows = [ids[i * WINDOW:(i + 1) * WINDOW] for i in range(count)]
+    if len(rows[-1]) < WINDOW:
+        raise SystemExit("not enough text for the windows")
+    return [torch.tensor([row]) for row in rows]
+
+
+def perplexity(program: CachedProgram, windows: list[torch.Tensor]) -> float:
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for x in windows:
+            tokens = x.shape[1]
+            slots = torch.arange(tokens)
+            valid = torch.ones(1, tokens, dtype=torch.bool)
+            biases = [attention_bias(valid, slots, w, program.dtype) for w in program.windows]
+            logits = program.gm(x, slots[None], slots, *biases, *program.new_caches(1, tokens))[0]
+            nll += float(torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum"))
+            count += tokens - 1
+    return math.exp(nll / count)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ratios", default="0.75,0.5,0.25")
+    parser.add_argument("--v-weight", type=float, default=1.0)
+    parser.add_argument("--strategy", default="uniform")
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--calibration-windows", type=int, default=16)
+    parser.add_argument("--out", default="bench/results/mla.json")
+    args = parser.parse_args()
+
+    model, tokenizer = models.load("smollm2")
+    docs = tokenizer(models.heldout_text())["input_ids"]
+    calib_tokens = args.calibration_windows * WINDOW
+    calibration = _windows(docs, args.calibration_windows)
+    held_docs = _windows(docs[calib_tokens + 10_000:], args.windows)
+    code = tokenizer(inspect.getsource(inspect) + inspect.getsource(typing))["input_ids"]
+    held_code = _windows(code, args.windows)
+
+    base = build_cached_program(model, logits="all")
+    baseline = {"docs": perplexity(base, held_docs), "code": perplexity(base, held_code)}
+    print(f"baseline: docs {baseline['docs']:.3f}, code {baseline['code']:.3f}, "
+          f"{base.cache_bytes_per_token()} KV bytes/token", flush=True)
+    start = time.perf_counter()
+    grams = mla.calibrate(base, [torch.cat(calibration[i:i + 4]) for i in range(0, len(calibration), 4)])
+    calibrate_s = time.perf_counter() - start
+    print(f"calibrated on {len(calibration) * WINDOW} tokens in {calibrate_s:.0f} s", flush=True)
+
+    rows = []
+    for ratio in [float(r) for r in args.ratios.split(",")]:
+        program = build_cached_program(model, logits="all")
+        start = time.perf_counter()
+        factors = mla.factorize(program, grams, ratio, v_weight=args.v_weight, strategy=args.strategy)
+        mla.apply_latent_cache(program, factors)
+        build_s = time.perf_counter() - start
+        row = {"kv_ratio": ratio, "mode": "reconstruct", "v_weight": args.v_weight, "strategy": args.strategy,
+               "kv_bytes_per_token": program.cache_bytes_per_token(), "factorize_s": build_s,
+               "ranks": [f.rank for f in factors.values()]}
+        for domain, windows in (("docs", held_docs), ("code", held_code)):
+            ppl = perplexity(program, windows)
+            row[f"ppl_{domain}"] = ppl
+            row[f"ppl_{domain}_change_pct"] = 100 * (ppl / baseline[domain] - 1)
+        rows.append(row)
+        print(f"kv_ratio {ratio}: {row['kv_bytes_per_token']} B/token, docs {row['ppl_docs']:.3f} "
+              f"({row['ppl_docs_change_pct']:+.1f}%), code {row['ppl_code']:.3f} "
+              f"({row['ppl_code_change_pct']:+.1f}%)", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": platform.platform(), "baseline": baseline,
+                               "baseline_kv_bytes_per_token": base.cache_bytes_per_token(),
+                               "calibration_tokens": len(calibration) * WINDOW, "calibrate_s": calibrate_s,
+                               "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""The ``mla`` pass (``reconstruct`` mode): the runtime's cache keeps one latent per token instead of K and V.
+
+Per attention layer, ``[W_k; W_v]`` is factored through a latent of width ``r`` (``dscompile.lowrank``, whitened by
+calibration statistics of the projection input). The program then computes ``c = D x`` for the step's tokens,
+writes ``c`` into the layer's latent cache ``[batch, capacity, r]``, and rebuilds keys and values for every cache
+slot as ``U_k c`` and ``U_v c``, replaying the model's own head reshaping and rotary embedding on them (the rotary
+part with each slot's position id, which the program keeps in one shared ``[batch, capacity]`` cache). The
+cache shrinks from ``2 * kv_heads * head_dim`` to ``r`` values per token and layer; at ``r`` equal to the full
+K/V width the outputs are the original's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import Graph, Node
+
+from ..calibrate import Gram, record_grams
+from ..errors import ConfigError
+from ..lowrank import JointFactors, allocate_ranks, joint_factorize
+from .kv_cache import CachedProgram, LayerCache
+
+log = logging.getLogger("dscompile")
+
+_INDEX_COPY = torch.ops.aten.index_copy_.default
+
+
+@dataclass
+class MLAResult:
+    """What the pass did: ranks per rewritten layer, and the layers it left alone with the reason."""
+
+    ranks: dict[int, int] = field(default_factory=dict)
+    skipped: dict[int, str] = field(default_factory=dict)
+
+
+def kv_widths(program: CachedProgram) -> list[int]:
+    """Values per token each layer caches without MLA (K plus V)."""
+    return [layer.n_kv_heads * (layer.head_dim + layer.v_head_dim) for layer in program.layers]
+
+
+def calibrate(program: CachedProgram, batches: Sequence[torch.Tensor]) -> dict[int, Gram]:
+    """Second moments of every attention's K/V projection input over ``batches`` of token ids (one prefill each)."""
+    from ..runtime import Runtime
+
+    inputs = [attn.k.input for attn in program.matches.attention]
+    unique = list(dict.fromkeys(inputs))
+    runtime = Runtime(program, lower="eager")
+    with record_grams(program.gm, unique) as grams:
+        for ids in batches:
+            runtime.generate(ids, max_new_tokens=1, eos_token_id=[])
+    return {i: grams[node.name] for i, node in enumerate(inputs)}
+
+
+def factorize(program: CachedProgram, grams: dict[int, Gram] | None, kv_ratio: float, *,
+              v_weight: float = 1.0, strategy: str = "uniform", ranks: Sequence[int] | None = None,
+              ) -> dict[int, JointFactors]:
+    """Joint K/V factors per layer, with ranks from a global budget of ``kv_ratio`` of the cached values (or
+    ``ranks`` given per layer)."""
+    full: dict[int, JointFactors] = {}
+    for i, attn in enumerate(program.matches.attention):
+        k, v = attn.k.weight.tensor, attn.v.weight.tensor
+        if k is None or v is None:
+            continue
+        width = min(k.shape[0] + v.shape[0], k.shape[1])
+        cov = grams[i].covariance() if grams is not None and i in grams else None
+        full[i] = joint_factorize([k, v], width, cov, scales=(1.0, v_weight))
+    if ranks is None:
+        if not 0.0 < kv_ratio <= 1.0:
+            raise ConfigError(f"kv_ratio must be in (0, 1], got {kv_ratio}")
+        widths = kv_widths(program)
+        budget = max(len(full), round(kv_ratio * sum(widths[i] for i in full)))
+        budget = min(budget, sum(f.rank for f in full.values()))
+        ranks = allocate_ranks([full[i].spectrum for i in full], budget, strategy=strategy)
+    elif len(ranks) != len(full):
+        raise ConfigError(f"ranks needs one entry per factorable layer ({len(full)}), got {len(ranks)}")
+    out: dict[int, JointFactors] = {}
+    for (i, f), r in zip(full.items(), ranks):
+        if not 1 <= r <= f.rank:
+            raise ConfigError(f"rank {r} for layer {i} is outside [1, {f.rank}] (its K/V width)")
+        out[i] = JointFactors(f.down[:r].contiguous(), [u[:, :r].contiguous() for u in f.ups], f.spectrum)
+    return out
+
+
+def apply_latent_cache(program: CachedProgram, factors: dict[int, JointFactors]) -> MLAResult:
+    """Rewrite ``program`` in place so the layers in ``factors`` cache their latent."""
+    graph = program.gm.graph
+    result = MLAResult()
+    holders = {str(n.target): n for n in graph.nodes if n.op == "placeholder"}
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    seq = placeholders[0].meta["val"].shape[1]  # the token ids come first
+    with graph.inserting_after(placeholders[-1]):
+        slot_cache = graph.placeholder("slot_positions")
+    with graph.inserting_after(slot_cache):
+        slot_positions = graph.call_function(_INDEX_COPY, (slot_cache, 1, holders["cache_position"],
+                                                           holders["position_ids"]))
+    for i, f in factors.items():
+        reason = _rewrite_layer(program, i, f, holders, slot_positions, seq)
+        if reason is None:
+            result.ranks[i] = f.rank
+        else:
+            result.skipped[i] = reason
+            log.warning("mla: layer %d left with a full KV cache: %s", i, reason)
+    if not slot_positions.users:
+        graph.erase_node(slot_positions)
+        graph.erase_node(slot_cache)
+    else:
+        program.slot_positions = True  # its placeholder went in after all others: the program's last input
+    graph.eliminate_dead_code()
+    graph.lint()
+    program.gm.recompile()
+    return result
+
+
+def _rewrite_layer(program: CachedProgram, i: int, f: JointFactors, holders: dict[str, Node], slot_positions: Node,
+                   seq: object) -> str | None:
+    attn = program.matches.attention[i]
+    if attn.fused_qkv or attn.k.weight_layout != "out_in" or attn.v.weight_layout != "out_in":
+        return "fused or transposed K/V projection (not supported yet)"
+    if attn.k.input is not attn.v.input:
+        return "K and V are projected from different inputs"
+    graph = program.gm.graph
+    k_cache, v_cache = holders[f"k_cache_{i}"], holders[f"v_cache_{i}"]
+    stores = [n for n in graph.nodes if n.target is _INDEX_COPY and n.args[0] in (k_cache, v_cache)]
+    if len(stores) != 2:
+        return "the layer's cache writes were not found"
+    k_store, v_store = sorted(stores, key=lambda n: n.args[0] is v_cache)
+    gm = program.gm
+    names = []
+    for part, tensor in (("down", f.down), ("up_k", f.ups[0]), ("up_v", f.ups[1])):
+        name = f"mla_{i}_{part}"
+        gm.register_parameter(name, torch.nn.Parameter(tensor.detach().clone(), requires_grad=False))
+        names.append(name)
+    with graph.inserting_before(k_cache):
+        latent_cache = graph.placeholder(f"latent_cache_{i}")
+    with graph.inserting_before(k_store):
+        down, up_k, up_v = (graph.get_attr(n) for n in names)
+        latent = graph.call_function(torch.ops.aten.linear.default, (attn.k.input, down))
+        latents = graph.call_function(_INDEX_COPY, (latent_cache, 1, holders["cache_position"], latent))
+        capacity = graph.call_function(torch.ops.aten.sym_size.int, (latent_cache, 1))
+        slots = graph.call_function(torch.ops.aten.arange.default, (capacity,),
+                                    {"dtype": torch.long, "device": _device(program)})
+        k_bias = _bias_node(graph, attn.k.node)
+        v_bias = _bias_node(graph, attn.v.node)
+        k_all = graph.call_function(torch.ops.aten.linear.default, (latents, up_k, k_bias))
+        v_all = graph.call_function(torch.ops.aten.linear.default, (latents, up_v, v_bias))
+        subs = {holders["position_ids"]: slot_positions, holders["cache_position"]: slots}
+        subs |= {n: capacity for n in graph.nodes if _is_symbol(n, seq)}
+        keys = _replay(graph, k_store.args[3], {**subs, attn.k.node: k_all}, k_store)
+        values = _replay(graph, v_store.args[3], {**subs, attn.v.node: v_all}, k_store)
+    if keys is None or values is None:
+        return "keys or values do not come from the matched projections"
+    k_store.replace_all_uses_with(keys)
+    v_store.replace_all_uses_with(values)
+    graph.erase_node(k_store)
+    graph.erase_node(v_store)
+    graph.erase_node(k_cache)
+    graph.erase_node(v_cache)
+    old = program.layers[i]
+    program.layers[i] = LayerCache(old.layer, old.n_kv_heads, old.head_dim, old.v_head_dim, old.window, f.rank)
+    return None
+
+
+def _device(program: CachedProgram) -> torch.device:
+    param = next(iter(program.gm.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _bias_node(graph: Graph, linear: Node) -> Node | None:
+    bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+    return bias if isinstance(bias, Node) else None
+
+
+def _is_symbol(node: Node, seq: object) -> bool:
+    val = node.meta.get("val")
+    return (isinstance(val, torch.SymInt) and isinstance(seq, torch.SymInt)
+            and val.node.expr == seq.node.expr)
+
+
+def _replay(graph: Graph, target: object, subs: dict[Node, Node], before: Node) -> Node | None:
+    """Copy the nodes between ``subs``' keys and ``target`` with the keys replaced; None when ``target`` does not
+    depend on the first ``subs`` key that is a projection (so the copy would not use the new K/V)."""
+    if not isinstance(target, Node):
+        return None
+    order = {n: idx for idx, n in enumerate(graph.nodes)}
+    needed: set[Node] = set()
+    stack = [target]
+    while stack:
+        node = stack.pop()
+        if node in needed or node in subs:
+            continue
+        needed.add(node)
+        stack.extend(node.all_input_nodes)
+    projection = list(subs)[-1]
+    reaches = {projection}
+    mapping: dict[Node, Node] = dict(subs)
+    with graph.inserting_before(before):
+        for node in sorted(needed, key=order.__getitem__):
+            inputs = node.all_input_nodes
+            if any(a in reaches for a in inputs):
+                reaches.add(node)
+            if any(a in mapping for a in inputs):
+                mapping[node] = graph.node_copy(node, lambda a: mapping.get(a, a))
+    return mapping.get(target) if target in reaches else None
