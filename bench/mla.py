@@ -1,7 +1,7 @@
 """MLA (reconstruct mode) on the embedded model, training-free: perplexity and KV bytes per token by kv_ratio.
 
 Usage: .venv/bin/python bench/mla.py [--ratios 0.75,0.5,0.25] [--v-weight 1.0] [--strategy uniform]
-                                      [--windows 8] [--out bench/results/mla.json]
+                                      [--windows 8] [--heal-minutes 0] [--out bench/results/mla.json]
 
 Calibration: the first part of Python's documentation topics (pydoc_data). Evaluation on text calibration did not
 see: a later part of the same documentation, and, as another domain, Python source code (the standard library's
@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 from dscompile import models
+from dscompile.heal import heal_program
 from dscompile.passes import mla
 from dscompile.passes.kv_cache import CachedProgram, build_cached_program
-from dscompile.runtime.generate import attention_bias
+from dscompile.runtime.generate import prefill_logits
 
 WINDOW = 256
 
@@ -41,14 +42,16 @@ def perplexity(program: CachedProgram, windows: list[torch.Tensor]) -> float:
     nll, count = 0.0, 0
     with torch.no_grad():
         for x in windows:
-            tokens = x.shape[1]
-            slots = torch.arange(tokens)
-            valid = torch.ones(1, tokens, dtype=torch.bool)
-            biases = [attention_bias(valid, slots, w, program.dtype) for w in program.windows]
-            logits = program.gm(x, slots[None], slots, *biases, *program.new_caches(1, tokens))[0]
+            logits = prefill_logits(program, x)
             nll += float(torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum"))
-            count += tokens - 1
+            count += x.shape[1] - 1
     return math.exp(nll / count)
+
+
+def _print(label: str, row: dict, prefix: str = "") -> None:
+    print(f"{label}: {row['kv_bytes_per_token']} B/token, docs {row[prefix + 'ppl_docs']:.3f} "
+          f"({row[prefix + 'ppl_docs_change_pct']:+.1f}%), code {row[prefix + 'ppl_code']:.3f} "
+          f"({row[prefix + 'ppl_code_change_pct']:+.1f}%)", flush=True)
 
 
 def main() -> None:
@@ -58,6 +61,8 @@ def main() -> None:
     parser.add_argument("--strategy", default="uniform")
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--calibration-windows", type=int, default=16)
+    parser.add_argument("--heal-minutes", type=float, default=0.0, help="then heal each program this long")
+    parser.add_argument("--heal-lr", type=float, default=2e-4)
     parser.add_argument("--out", default="bench/results/mla.json")
     args = parser.parse_args()
 
@@ -92,10 +97,19 @@ def main() -> None:
             ppl = perplexity(program, windows)
             row[f"ppl_{domain}"] = ppl
             row[f"ppl_{domain}_change_pct"] = 100 * (ppl / baseline[domain] - 1)
+        _print(f"kv_ratio {ratio}", row)
+        if args.heal_minutes:
+            batches = [torch.cat(calibration[i:i + 2]) for i in range(0, len(calibration), 2)]
+            report = heal_program(program, model, batches, max_minutes=args.heal_minutes, lr=args.heal_lr,
+                                  progress=True)
+            row["heal"] = {"minutes": args.heal_minutes, "steps": report.steps, "lr": args.heal_lr,
+                           "kl_first": report.losses[0], "kl_last": report.losses[-1]}
+            for domain, windows in (("docs", held_docs), ("code", held_code)):
+                ppl = perplexity(program, windows)
+                row[f"healed_ppl_{domain}"] = ppl
+                row[f"healed_ppl_{domain}_change_pct"] = 100 * (ppl / baseline[domain] - 1)
+            _print(f"kv_ratio {ratio} healed ({report.steps} steps)", row, "healed_")
         rows.append(row)
-        print(f"kv_ratio {ratio}: {row['kv_bytes_per_token']} B/token, docs {row['ppl_docs']:.3f} "
-              f"({row['ppl_docs_change_pct']:+.1f}%), code {row['ppl_code']:.3f} "
-              f"({row['ppl_code_change_pct']:+.1f}%)", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": platform.platform(), "baseline": baseline,

@@ -421,6 +421,8 @@ def test_rope_base_needs_a_rotary_width_of_four() -> None:
     ("L['fn'].blocks.1.mlp", "blocks.1.mlp"),
     ("model.layers.3", "model.layers.3"),
     ("L['self']", None),
+    ("L['args'].0.lm_head", "lm_head"),  # transformers >= 5.24: the model is a wrapper's first argument
+    ("L['args'][0].model.layers[2]", "model.layers.2"),
 ])
 def test_module_path(stack_path: str, expected: str | None) -> None:
     graph = torch.fx.Graph()

@@ -43,14 +43,13 @@ def kv_widths(program: CachedProgram) -> list[int]:
 
 def calibrate(program: CachedProgram, batches: Sequence[torch.Tensor]) -> dict[int, Gram]:
     """Second moments of every attention's K/V projection input over ``batches`` of token ids (one prefill each)."""
-    from ..runtime import Runtime
+    from ..runtime.generate import prefill_logits
 
     inputs = [attn.k.input for attn in program.matches.attention]
     unique = list(dict.fromkeys(inputs))
-    runtime = Runtime(program, lower="eager")
-    with record_grams(program.gm, unique) as grams:
+    with record_grams(program.gm, unique) as grams, torch.no_grad():
         for ids in batches:
-            runtime.generate(ids, max_new_tokens=1, eos_token_id=[])
+            prefill_logits(program, ids)
     return {i: grams[node.name] for i, node in enumerate(inputs)}
 
 

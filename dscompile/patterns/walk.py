@@ -201,7 +201,8 @@ def linear_info(cg: CapturedGraph, node: Node) -> LinearInfo | None:
     return LinearInfo(node, x, ref, bias_ref, in_f, out_f, layout)
 
 
-_DYNAMO_ROOT = re.compile(r"^L\[['\"](self|fn|model|mod)['\"]\]\.?")
+# ``L['args'][0]`` / ``L['args'].0``: transformers >= 5.24 wraps forward, so the model is the wrapper's first argument
+_DYNAMO_ROOT = re.compile(r"^L\[['\"](self|fn|model|mod)['\"]\]\.?|^L\[['\"]args['\"]\](\[0\]|\.0)\.?")
 
 
 def module_path(node: Node) -> str | None:

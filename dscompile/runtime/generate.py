@@ -41,6 +41,17 @@ def attention_bias(key_valid: torch.Tensor, query_positions: torch.Tensor, windo
     return bias.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
 
+def prefill_logits(program: CachedProgram, ids: torch.Tensor) -> torch.Tensor:
+    """One prefill of ``ids`` (no padding) through ``program`` with fresh caches sized to it: the logits the
+    program returns (every position for a ``logits="all"`` program). For evaluation and healing."""
+    batch, tokens = ids.shape
+    slots = torch.arange(tokens, device=ids.device)
+    valid = torch.ones(batch, tokens, dtype=torch.bool, device=ids.device)
+    biases = [attention_bias(valid, slots, w, program.dtype) for w in program.windows]
+    caches = program.new_caches(batch, tokens, ids.device)
+    return program.gm(ids, slots.expand(batch, -1), slots, *biases, *caches)[0]
+
+
 class Runtime:
     """Runs a :class:`CachedProgram`: ``generate`` with Hugging Face semantics, stats in ``monitor``."""
 

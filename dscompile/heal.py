@@ -1,0 +1,91 @@
+"""Healing: distil the original model's next-token distributions into a rewritten program, training only the
+parameters the passes created (MLA factors; later MoE routers), so a lossy rewrite recovers quality in minutes.
+
+The loss is ``KL(original || rewritten)`` over every position of calibration windows, the teacher's logits computed
+once up front. The program is run as a prefill with fresh caches (its in-place cache writes are part of the
+autograd graph, which is fine: caches are not parameters).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ConfigError
+from .evaluate import logits_of
+from .passes.kv_cache import CachedProgram
+from .runtime.generate import prefill_logits
+
+log = logging.getLogger("dscompile")
+
+CREATED_PREFIXES = ("mla_",)
+
+
+@dataclass
+class HealReport:
+    steps: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+    trained_parameters: int = 0
+
+
+def created_parameters(program: CachedProgram) -> dict[str, torch.nn.Parameter]:
+    """The parameters a pass added to the program (by name prefix), the only ones healing trains."""
+    return {name: p for name, p in program.gm.named_parameters() if name.startswith(CREATED_PREFIXES)}
+
+
+def heal_program(program: CachedProgram, original: torch.nn.Module, batches: Sequence[torch.Tensor], *,
+                 max_minutes: float = 30.0, max_steps: int | None = None, lr: float = 1e-4,
+                 progress: bool = False) -> HealReport:
+    """Train the program's created parameters to match ``original``'s logits on ``batches`` (token ids
+    ``[batch, tokens]``), cycling through them until ``max_minutes`` or ``max_steps``."""
+    params = created_parameters(program)
+    if not params:
+        raise ConfigError("nothing to heal: the program has no parameters created by a pass")
+    if not batches:
+        raise ConfigError("healing needs at least one batch of token ids")
+    if max_minutes <= 0 or lr <= 0:
+        raise ConfigError(f"max_minutes and lr must be positive, got {max_minutes} and {lr}")
+    with torch.no_grad():
+        teachers = [torch.log_softmax(logits_of(original(x)).float(), -1) for x in batches]
+    # Freeze everything else for the duration (the base weights are the user's model's own tensors).
+    was = {name: p.requires_grad for name, p in program.gm.named_parameters()}
+    for name, p in program.gm.named_parameters():
+        p.requires_grad_(name in params)
+    optimizer = torch.optim.Adam(params.values(), lr=lr)
+    report = HealReport(0, 0.0, trained_parameters=sum(p.numel() for p in params.values()))
+    start = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=max_steps, desc="healing", unit="step")
+    try:
+        while (time.perf_counter() - start) < max_minutes * 60 and (max_steps is None or report.steps < max_steps):
+            i = report.steps % len(batches)
+            logits = prefill_logits(program, batches[i])
+            if logits.shape[1] != batches[i].shape[1]:
+                raise ConfigError("healing needs the program's logits at every position: build it with logits='all'")
+            student = torch.log_softmax(logits.float(), -1)
+            loss = (teachers[i].exp() * (teachers[i] - student)).sum(-1).mean()  # KL per token
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            report.steps += 1
+            report.losses.append(loss.item())
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(kl=f"{report.losses[-1]:.4f}")
+    finally:
+        for name, p in program.gm.named_parameters():
+            p.requires_grad_(was[name])
+        if bar is not None:
+            bar.close()
+    report.seconds = time.perf_counter() - start
+    log.info("healed %d parameters in %d steps (%.0f s): KL %.4f -> %.4f", report.trained_parameters, report.steps,
+             report.seconds, report.losses[0], report.losses[-1])
+    return report
