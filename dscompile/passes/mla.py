@@ -126,6 +126,8 @@ def _rewrite_layer(program: CachedProgram, i: int, f: JointFactors, holders: dic
     if len(stores) != 2:
         return "the layer's cache writes were not found"
     k_store, v_store = sorted(stores, key=lambda n: n.args[0] is v_cache)
+    if not (_reaches(k_store.args[3], attn.k.node) and _reaches(v_store.args[3], attn.v.node)):
+        return "keys or values do not come from the matched projections"
     gm = program.gm
     names = []
     for part, tensor in (("down", f.down), ("up_k", f.ups[0]), ("up_v", f.ups[1])):
@@ -149,8 +151,6 @@ def _rewrite_layer(program: CachedProgram, i: int, f: JointFactors, holders: dic
         subs |= {n: capacity for n in graph.nodes if _is_symbol(n, seq)}
         keys = _replay(graph, k_store.args[3], {**subs, attn.k.node: k_all}, k_store)
         values = _replay(graph, v_store.args[3], {**subs, attn.v.node: v_all}, k_store)
-    if keys is None or values is None:
-        return "keys or values do not come from the matched projections"
     k_store.replace_all_uses_with(keys)
     v_store.replace_all_uses_with(values)
     graph.erase_node(k_store)
@@ -178,11 +178,23 @@ def _is_symbol(node: Node, seq: object) -> bool:
             and val.node.expr == seq.node.expr)
 
 
-def _replay(graph: Graph, target: object, subs: dict[Node, Node], before: Node) -> Node | None:
-    """Copy the nodes between ``subs``' keys and ``target`` with the keys replaced; None when ``target`` does not
-    depend on the first ``subs`` key that is a projection (so the copy would not use the new K/V)."""
-    if not isinstance(target, Node):
-        return None
+def _reaches(target: object, source: Node) -> bool:
+    """Whether ``target`` is computed from ``source`` (checked before the graph is touched)."""
+    seen: set[Node] = set()
+    stack = [target] if isinstance(target, Node) else []
+    while stack:
+        node = stack.pop()
+        if node is source:
+            return True
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.all_input_nodes)
+    return False
+
+
+def _replay(graph: Graph, target: Node, subs: dict[Node, Node], before: Node) -> Node:
+    """Copies, inserted before ``before``, of the nodes between ``subs``' keys and ``target``, with the keys
+    replaced; returns the copy of ``target`` (which :func:`_reaches` has checked depends on a key)."""
     order = {n: idx for idx, n in enumerate(graph.nodes)}
     needed: set[Node] = set()
     stack = [target]
@@ -192,14 +204,9 @@ def _replay(graph: Graph, target: object, subs: dict[Node, Node], before: Node) 
             continue
         needed.add(node)
         stack.extend(node.all_input_nodes)
-    projection = list(subs)[-1]
-    reaches = {projection}
     mapping: dict[Node, Node] = dict(subs)
     with graph.inserting_before(before):
         for node in sorted(needed, key=order.__getitem__):
-            inputs = node.all_input_nodes
-            if any(a in reaches for a in inputs):
-                reaches.add(node)
-            if any(a in mapping for a in inputs):
+            if any(a in mapping for a in node.all_input_nodes):
                 mapping[node] = graph.node_copy(node, lambda a: mapping.get(a, a))
-    return mapping.get(target) if target in reaches else None
+    return mapping[target]
