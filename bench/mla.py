@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import math
 import platform
 import time
 import typing
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dscompile import models
+from dscompile import evaluate, models
 from dscompile.heal import heal_program
 from dscompile.passes import mla
 from dscompile.passes.kv_cache import CachedProgram, build_cached_program
@@ -32,20 +31,15 @@ WINDOW = 256
 
 
 def _windows(ids: list[int], count: int) -> list[torch.Tensor]:
-    rows = [ids[i * WINDOW:(i + 1) * WINDOW] for i in range(count)]
-    if len(rows[-1]) < WINDOW:
+    chunks = evaluate.windows(torch.tensor(ids), WINDOW, count)
+    if len(chunks) < count:
         raise SystemExit("not enough text for the windows")
-    return [torch.tensor([row]) for row in rows]
+    return chunks
 
 
 def perplexity(program: CachedProgram, windows: list[torch.Tensor]) -> float:
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for x in windows:
-            logits = prefill_logits(program, x)
-            nll += float(torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum"))
-            count += x.shape[1] - 1
-    return math.exp(nll / count)
+    """Perplexity from the runtime program's prefill logits (the same evaluation as for any model)."""
+    return evaluate.perplexity(lambda x: prefill_logits(program, x), windows)
 
 
 def _print(label: str, row: dict, prefix: str = "") -> None:

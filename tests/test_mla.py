@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from chunked import chunked_logits
 from tiny import ids, tiny_llama
 from zoo import ZOO, built
 
@@ -12,24 +13,8 @@ from dscompile.evaluate import logits_of
 from dscompile.passes import mla
 from dscompile.passes.kv_cache import build_cached_program
 from dscompile.runtime import Runtime
-from dscompile.runtime.generate import attention_bias
 
 FUSED_KV = {"gpt2", "gpt_neox", "phi3", "nanogpt"}  # one projection makes Q, K and V: not factored yet
-
-
-def _chunked_logits(program, x, capacity=16):
-    """Chunks of 5, 1, 1 and 2 tokens through the program's caches."""
-    batch = x.shape[0]
-    caches = program.new_caches(batch, capacity)
-    valid = torch.zeros(batch, capacity, dtype=torch.bool)
-    pieces = []
-    with torch.no_grad():
-        for start, end in ((0, 5), (5, 6), (6, 7), (7, 9)):
-            valid[:, start:end] = True
-            slots = torch.arange(start, end)
-            biases = [attention_bias(valid, slots, w, program.dtype) for w in program.windows]
-            pieces.append(program.gm(x[:, start:end], slots.expand(batch, -1), slots, *biases, *caches)[0])
-    return torch.cat(pieces, dim=1)
 
 
 @pytest.mark.parametrize("name", list(ZOO))
@@ -41,7 +26,7 @@ def test_full_rank_latent_cache_equals_the_full_forward(name):
     x = torch.randint(0, expect.vocab, (2, 9), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         reference = logits_of(model(x))
-    torch.testing.assert_close(_chunked_logits(program, x), reference, atol=1e-4, rtol=0)
+    torch.testing.assert_close(chunked_logits(program, x), reference, atol=1e-4, rtol=0)
     if name in FUSED_KV:
         assert not result.ranks and len(result.skipped) == expect.layers
         assert all("fused" in reason for reason in result.skipped.values())
@@ -81,7 +66,7 @@ def test_calibration_counts_every_prompt_token_and_whitening_fits_better():
     def error(with_grams):
         p = build_cached_program(model, logits="all")
         mla.apply_latent_cache(p, mla.factorize(p, grams if with_grams else None, 0.25))
-        return float((_chunked_logits(p, x) - reference).pow(2).mean())
+        return float((chunked_logits(p, x) - reference).pow(2).mean())
 
     assert error(True) < error(False)
 

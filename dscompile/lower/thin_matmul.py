@@ -17,7 +17,10 @@ from typing import Any
 import torch
 from torch._inductor import inductor_prims
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._prims_common import make_contiguous_strides_for
 from torch.fx import Graph, GraphModule, Node
+
+from ..capture import node_value
 
 aten = torch.ops.aten
 
@@ -30,24 +33,12 @@ def is_thin(rows: Any) -> bool:
     return isinstance(rows, int) and rows <= THIN_ROWS
 
 
-def _value(arg: Any) -> Any:
-    return arg.meta["val"] if isinstance(arg, Node) else arg
-
-
-def _contiguous_strides(shape: Sequence[int]) -> list[int]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(int(size), 1)
-    return strides[::-1]
-
-
 def _emit(graph: Graph, target: Any, *args: Any) -> Node:
     """A new node with its fake value, which Inductor's lowering reads."""
     from torch._guards import detect_fake_mode
 
     node = graph.call_function(target, args)
-    values = [_value(a) for a in args]
+    values = [node_value(a) for a in args]
     fake_mode = detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)])
     with fake_mode:
         node.meta["val"] = target(*values)
@@ -63,11 +54,11 @@ def _thin_product(graph: Graph, a: Node, b: Node) -> Node:
     whole decode step at batch 8 it was no faster than this reduction.)
     """
     weight = _emit(graph, aten.unsqueeze.default, _emit(graph, aten.permute.default, b, [1, 0]), 1)
-    rows = _value(a)
+    rows = node_value(a)
     if rows.shape[0] > 1:
         # Realise ``a`` first: inlined into the reduction, its producer (a norm, say) would be recomputed for every
         # weight row and every input row. With one row, recomputing it is free next to reading the weight.
-        a = _emit(graph, inductor_prims.force_stride_order, a, _contiguous_strides(rows.shape))
+        a = _emit(graph, inductor_prims.force_stride_order, a, list(make_contiguous_strides_for(rows.shape)))
     products = _emit(graph, aten.mul.Tensor, weight, _emit(graph, aten.unsqueeze.default, a, 0))
     return _emit(graph, aten.permute.default, _emit(graph, aten.sum.dim_IntList, products, [-1]), [1, 0])
 
@@ -82,7 +73,7 @@ def _operands(node: Node) -> tuple[Node | None, Node, Node] | None:
         bias, a, b = node.args[:3]
     else:
         return None
-    a_val, b_val = _value(a), _value(b)
+    a_val, b_val = node_value(a), node_value(b)
     if not (isinstance(a_val, torch.Tensor) and isinstance(b_val, torch.Tensor)) or a_val.dtype != b_val.dtype:
         return None
     return (bias, a, b) if is_thin(a_val.shape[0]) else None

@@ -45,8 +45,13 @@ class LayerCache:
     latent: int | None = None  # MLA: the width of the one latent per token that replaces K and V
 
     @property
+    def kv_values(self) -> int:
+        """Values per token for full keys and values (what the layer caches without MLA)."""
+        return self.n_kv_heads * (self.head_dim + self.v_head_dim)
+
+    @property
     def values_per_token(self) -> int:
-        return self.latent if self.latent is not None else self.n_kv_heads * (self.head_dim + self.v_head_dim)
+        return self.latent if self.latent is not None else self.kv_values
 
 
 @dataclass
@@ -68,6 +73,12 @@ class CachedProgram:
     notes: list[str] = field(default_factory=list)
     max_positions: int | None = None  # rows of the position tables, or the config's max_position_embeddings
     slot_positions: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        """Where the program's weights live (CPU for a program without any)."""
+        param = next(iter(self.gm.parameters()), None)
+        return param.device if param is not None else torch.device("cpu")
 
     def cache_bytes_per_token(self) -> int:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
@@ -372,7 +383,7 @@ def _reindex_positions(captured: CapturedGraph, ids_node: Node, cache_position: 
     ``table[cache_position]``. Returns notes and the row counts of those tables (the model's position limit).
     """
     graph = captured.graph
-    seq = _seq_symbol(ids_node)
+    seq = seq_symbol(ids_node)
     notes: list[str] = []
     limits: list[int] = []
     for node in list(graph.nodes):
@@ -395,12 +406,14 @@ def _reindex_positions(captured: CapturedGraph, ids_node: Node, cache_position: 
     return notes, limits
 
 
-def _seq_symbol(ids_node: Node) -> object:
+def seq_symbol(ids_node: Node) -> object:
+    """The symbolic sequence length export traced for the token ids."""
     val = ids_node.meta.get("val")
     return val.shape[1] if isinstance(val, torch.Tensor) else None
 
 
-def _same_size(value: object, seq: object) -> bool:
+def same_size(value: object, seq: object) -> bool:
+    """Whether ``value`` (a node or SymInt) is the symbolic size ``seq``."""
     if isinstance(value, Node):
         value = value.meta.get("val")
     if isinstance(value, torch.SymInt) and isinstance(seq, torch.SymInt):
@@ -411,15 +424,15 @@ def _same_size(value: object, seq: object) -> bool:
 def _arange_is_sequence(node: Node, seq: object) -> bool:
     args = list(node.args)
     if node.target is torch.ops.aten.arange.default:
-        return _same_size(args[0], seq)
-    return len(args) >= 2 and args[0] == 0 and _same_size(args[1], seq)
+        return same_size(args[0], seq)
+    return len(args) >= 2 and args[0] == 0 and same_size(args[1], seq)
 
 
 def _slices_table_to_sequence(captured: CapturedGraph, node: Node, seq: object) -> bool:
     args = list(node.args) + [None] * 4
     source, dim, start, end = args[:4]
     return (isinstance(source, Node) and captured.weight(source) is not None and dim == 0 and start in (0, None)
-            and _same_size(end, seq))
+            and same_size(end, seq))
 
 
 def _last_position_only(program: CachedProgram) -> None:

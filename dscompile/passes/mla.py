@@ -21,7 +21,7 @@ from torch.fx import Graph, Node
 from ..calibrate import Gram, record_grams
 from ..errors import ConfigError
 from ..lowrank import JointFactors, allocate_ranks, joint_factorize
-from .kv_cache import CachedProgram, LayerCache
+from .kv_cache import CachedProgram, LayerCache, same_size, seq_symbol
 
 log = logging.getLogger("dscompile")
 
@@ -38,7 +38,7 @@ class MLAResult:
 
 def kv_widths(program: CachedProgram) -> list[int]:
     """Values per token each layer caches without MLA (K plus V)."""
-    return [layer.n_kv_heads * (layer.head_dim + layer.v_head_dim) for layer in program.layers]
+    return [layer.kv_values for layer in program.layers]
 
 
 def calibrate(program: CachedProgram, batches: Sequence[torch.Tensor]) -> dict[int, Gram]:
@@ -89,7 +89,7 @@ def apply_latent_cache(program: CachedProgram, factors: dict[int, JointFactors])
     result = MLAResult()
     holders = {str(n.target): n for n in graph.nodes if n.op == "placeholder"}
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    seq = placeholders[0].meta["val"].shape[1]  # the token ids come first
+    seq = seq_symbol(placeholders[0])  # the token ids come first
     with graph.inserting_after(placeholders[-1]):
         slot_cache = graph.placeholder("slot_positions")
     with graph.inserting_after(slot_cache):
@@ -142,13 +142,13 @@ def _rewrite_layer(program: CachedProgram, i: int, f: JointFactors, holders: dic
         latents = graph.call_function(_INDEX_COPY, (latent_cache, 1, holders["cache_position"], latent))
         capacity = graph.call_function(torch.ops.aten.sym_size.int, (latent_cache, 1))
         slots = graph.call_function(torch.ops.aten.arange.default, (capacity,),
-                                    {"dtype": torch.long, "device": _device(program)})
+                                    {"dtype": torch.long, "device": program.device})
         k_bias = _bias_node(graph, attn.k.node)
         v_bias = _bias_node(graph, attn.v.node)
         k_all = graph.call_function(torch.ops.aten.linear.default, (latents, up_k, k_bias))
         v_all = graph.call_function(torch.ops.aten.linear.default, (latents, up_v, v_bias))
         subs = {holders["position_ids"]: slot_positions, holders["cache_position"]: slots}
-        subs |= {n: capacity for n in graph.nodes if _is_symbol(n, seq)}
+        subs |= {n: capacity for n in graph.nodes if same_size(n, seq)}
         keys = _replay(graph, k_store.args[3], {**subs, attn.k.node: k_all}, k_store)
         values = _replay(graph, v_store.args[3], {**subs, attn.v.node: v_all}, k_store)
     k_store.replace_all_uses_with(keys)
@@ -162,20 +162,9 @@ def _rewrite_layer(program: CachedProgram, i: int, f: JointFactors, holders: dic
     return None
 
 
-def _device(program: CachedProgram) -> torch.device:
-    param = next(iter(program.gm.parameters()), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def _bias_node(graph: Graph, linear: Node) -> Node | None:
     bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
     return bias if isinstance(bias, Node) else None
-
-
-def _is_symbol(node: Node, seq: object) -> bool:
-    val = node.meta.get("val")
-    return (isinstance(val, torch.SymInt) and isinstance(seq, torch.SymInt)
-            and val.node.expr == seq.node.expr)
 
 
 def _reaches(target: object, source: Node) -> bool:

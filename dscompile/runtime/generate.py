@@ -69,8 +69,7 @@ class Runtime:
 
     @property
     def device(self) -> torch.device:
-        param = next(iter(self.program.gm.parameters()), None)
-        return param.device if param is not None else torch.device("cpu")
+        return self.program.device
 
     def decode_step(self) -> Callable[..., Any]:
         """The decode program: Inductor with static shapes (CUDA graphs on a GPU), or the graph itself."""
