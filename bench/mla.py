@@ -2,11 +2,17 @@
 
 Usage: .venv/bin/python bench/mla.py [--ratios 0.75,0.5,0.25] [--v-weight 1.0] [--strategy uniform]
                                       [--windows 8] [--heal-minutes 0] [--out bench/results/mla.json]
+       .venv/bin/python bench/mla.py --long 8192 --long-batch 8 [--ratios 0.5] [--skip-quality]
 
 Calibration: the first part of Python's documentation topics (pydoc_data). Evaluation on text calibration did not
 see: a later part of the same documentation, and, as another domain, Python source code (the standard library's
 ``inspect`` and ``typing`` modules). Perplexity is computed from the runtime program's prefill logits, the
 baseline being the same program without MLA, in the same run.
+
+``--long N``: generation at N tokens of context (``--long-batch`` rows, ``--long-new`` new tokens) through
+``dscompile.optimize`` with profile ``none`` and then with each ratio's MLA profile, each in its own process so
+that its peak resident memory is its own: KV-cache bytes, peak RSS (and its rise over the RSS before generating),
+prefill seconds and decode tokens/s, with ratios against the full cache.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import argparse
 import inspect
 import json
 import platform
+import subprocess
+import sys
 import time
 import typing
 from pathlib import Path
@@ -58,7 +66,20 @@ def main() -> None:
     parser.add_argument("--heal-minutes", type=float, default=0.0, help="then heal each program this long")
     parser.add_argument("--heal-lr", type=float, default=2e-4)
     parser.add_argument("--out", default="bench/results/mla.json")
+    parser.add_argument("--long", type=int, default=0, help="context of the memory/speed run (0 to skip)")
+    parser.add_argument("--long-batch", type=int, default=8)
+    parser.add_argument("--long-new", type=int, default=8)
+    parser.add_argument("--skip-quality", action="store_true", help="only the --long run")
+    parser.add_argument("--long-worker", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.long_worker is not None:
+        print(json.dumps(long_worker(args.long_worker, args.long, args.long_batch, args.long_new)))
+        return
+    ratios = [float(r) for r in args.ratios.split(",")]
+    long_rows = long_run(ratios, args) if args.long else []
+    if args.skip_quality:
+        _write(Path(args.out), {"machine": platform.platform(), "long": long_rows})
+        return
 
     model, tokenizer = models.load("smollm2")
     docs = tokenizer(models.heldout_text())["input_ids"]
@@ -78,7 +99,7 @@ def main() -> None:
     print(f"calibrated on {len(calibration) * WINDOW} tokens in {calibrate_s:.0f} s", flush=True)
 
     rows = []
-    for ratio in [float(r) for r in args.ratios.split(",")]:
+    for ratio in ratios:
         program = build_cached_program(model, logits="all")
         start = time.perf_counter()
         factors = mla.factorize(program, grams, ratio, v_weight=args.v_weight, strategy=args.strategy)
@@ -104,13 +125,65 @@ def main() -> None:
                 row[f"healed_ppl_{domain}_change_pct"] = 100 * (ppl / baseline[domain] - 1)
             _print(f"kv_ratio {ratio} healed ({report.steps} steps)", row, "healed_")
         rows.append(row)
-    out = Path(args.out)
+    _write(Path(args.out), {"machine": platform.platform(), "baseline": baseline,
+                            "baseline_kv_bytes_per_token": base.cache_bytes_per_token(),
+                            "calibration_tokens": len(calibration) * WINDOW, "calibrate_s": calibrate_s,
+                            "rows": rows, "long": long_rows})
+
+
+def _write(out: Path, data: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": platform.platform(), "baseline": baseline,
-                               "baseline_kv_bytes_per_token": base.cache_bytes_per_token(),
-                               "calibration_tokens": len(calibration) * WINDOW, "calibrate_s": calibrate_s,
-                               "rows": rows}, indent=2))
+    out.write_text(json.dumps(data, indent=2))
     print(f"wrote {out}")
+
+
+def long_run(ratios: list[float], args: argparse.Namespace) -> list[dict]:
+    """The full cache, then each ratio, each in a fresh process (peak RSS cannot be reset after a free)."""
+    rows = []
+    for ratio in [0.0, *ratios]:
+        command = [sys.executable, __file__, "--long-worker", str(ratio), "--long", str(args.long),
+                   "--long-batch", str(args.long_batch), "--long-new", str(args.long_new)]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        base = rows[0] if rows else row
+        row["cache_ratio"] = row["cache_bytes"] / base["cache_bytes"]
+        row["peak_ratio"] = row["peak_memory_bytes"] / base["peak_memory_bytes"]
+        row["peak_rise_ratio"] = row["peak_rise_bytes"] / base["peak_rise_bytes"]
+        row["decode_ratio"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+        rows.append(row)
+        print(f"context {args.long} batch {args.long_batch}, kv_ratio {ratio or 'full'}: cache "
+              f"{row['cache_bytes'] / 2**20:.0f} MiB ({row['cache_ratio']:.2f}x), peak "
+              f"{row['peak_memory_bytes'] / 2**20:.0f} MiB ({row['peak_ratio']:.2f}x; rise "
+              f"{row['peak_rise_bytes'] / 2**20:.0f} MiB, {row['peak_rise_ratio']:.2f}x), prefill "
+              f"{row['prefill_s']:.0f} s, decode {row['decode_tokens_per_s']:.2f} tok/s ({row['decode_ratio']:.2f}x)",
+              flush=True)
+    return rows
+
+
+def long_worker(ratio: float, context: int, batch: int, new: int) -> dict:
+    """One generation at ``context`` tokens: full cache (``ratio`` 0) or MLA calibrated on 4096 tokens of docs."""
+    from dscompile import optimize
+    from dscompile.monitor import _proc_status_bytes
+
+    model, tokenizer = models.load("smollm2")
+    docs = tokenizer(models.heldout_text())["input_ids"]
+    prompts = torch.tensor([docs[20_000 + i * context:20_000 + (i + 1) * context - new] for i in range(batch)])
+    if prompts.shape[1] != context - new:
+        raise SystemExit("not enough held-out text for the prompts")
+    calibration = torch.tensor([docs[:4096]])
+    profile = {"mla": {"kv_ratio": ratio}} if ratio else "none"
+    optimized = optimize(model, profile, calibration=calibration if ratio else None,
+                         example_inputs=None if ratio else calibration[:, :128])
+    runtime = optimized.runtime()
+    compile_s = runtime.warm_up(batch, context)
+    before = _proc_status_bytes("VmRSS")
+    runtime.generate(prompts, max_new_tokens=new, eos_token_id=[])
+    stats = runtime.monitor.last
+    return {"kv_ratio": ratio or None, "context": context, "batch": batch, "new_tokens": new,
+            "kv_bytes_per_token": runtime.program.cache_bytes_per_token(), "cache_bytes": stats.cache_bytes,
+            "peak_memory_bytes": stats.peak_memory_bytes, "rss_before_bytes": before,
+            "peak_rise_bytes": stats.peak_memory_bytes - before, "prefill_s": stats.time_to_first_token_s,
+            "decode_tokens_per_s": stats.decode_tokens_per_s, "decode_compile_s": compile_s}
 
 
 if __name__ == "__main__":

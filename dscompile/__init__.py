@@ -20,6 +20,7 @@ from .errors import (
     ModelNotFoundError,
     UnsupportedError,
 )
+from .heal import HealReport, heal
 from .log import configure as configure_logging
 from .lower.onnx import export_onnx
 from .patterns import MatchSet
@@ -29,10 +30,10 @@ from .report import Report
 __version__ = "0.1.0"
 
 __all__ = [
-    "PRESETS", "CacheError", "CaptureError", "ConfigError", "DscompileError", "GraphDiff", "LoweringError",
-    "MLAConfig", "MTPConfig", "MatchError", "MatchSet", "MoEConfig", "ModelNotFoundError", "OptimizedModel",
-    "Profile", "Report", "UnsupportedError", "configure_logging", "deepseek_opt", "diff", "export_onnx", "inspect",
-    "load_profile_file", "models", "optimize",
+    "PRESETS", "CacheError", "CaptureError", "ConfigError", "DscompileError", "GraphDiff", "HealReport",
+    "LoweringError", "MLAConfig", "MTPConfig", "MatchError", "MatchSet", "MoEConfig", "ModelNotFoundError",
+    "OptimizedModel", "Profile", "Report", "UnsupportedError", "configure_logging", "deepseek_opt", "diff",
+    "export_onnx", "heal", "inspect", "load_profile_file", "models", "optimize",
 ]
 
 configure_logging()

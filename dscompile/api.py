@@ -14,7 +14,10 @@ from .data import token_batches, token_count
 from .errors import CaptureError, ConfigError, MatchError
 from .lower import TARGETS
 from .monitor import Monitor
+from .passes.kv_cache import CachedProgram, build_cached_program
 from .passes.manager import check_supported
+from .passes.mla import apply_latent_cache
+from .passes.mla_plan import plan_program
 from .patterns import MatchSet, match_all
 from .profile import Profile, resolve_profile
 from .report import Report
@@ -40,10 +43,21 @@ class OptimizedModel(torch.nn.Module):
         self.profile = profile
         self.lower = lower
         self.session = CompileSession()
-        options = {"profile": profile, "lower": lower, "fallback": fallback, "session": self.session}
-        backend = functools.partial(deepseek_opt, options=options)
-        self._compiled = torch.compile(model, backend=backend, dynamic=dynamic)
+        self._options = {"profile": profile, "lower": lower, "fallback": fallback, "session": self.session}
+        self._dynamic = dynamic
+        self._compiled = self._compile()
         self._runtime: Runtime | None = None
+        self._program: CachedProgram | None = None  # built early when calibration needs it, else by runtime()
+
+    def _compile(self) -> Any:
+        backend = functools.partial(deepseek_opt, options=self._options)
+        return torch.compile(self.original, backend=backend, dynamic=self._dynamic)
+
+    def refresh(self) -> None:
+        """Recompile the forward and the decode step on next use (after healing changed the factors)."""
+        self._compiled = self._compile()
+        if self._runtime is not None:
+            self._runtime.reset_compiled()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._compiled(*args, **kwargs)
@@ -56,9 +70,11 @@ class OptimizedModel(torch.nn.Module):
     def runtime(self) -> Runtime:
         """The generation runtime that owns the KV cache; built (exported and rewritten) on first use."""
         if self._runtime is None:
-            from .passes.kv_cache import build_cached_program
-
-            program = build_cached_program(self.original)
+            program = self._program if self._program is not None else build_cached_program(self.original)
+            self._program = None
+            plan = self.session.mla_plan
+            if self.profile.mla is not None and plan is not None:
+                apply_latent_cache(program, plan.for_attentions(program.matches.attention))
             config = getattr(self.original, "generation_config", None)
             self._runtime = Runtime(
                 program, lower="eager" if self.lower == "eager" else "inductor", max_positions=program.max_positions,
@@ -86,6 +102,12 @@ class OptimizedModel(torch.nn.Module):
 
     def matches(self) -> MatchSet:
         return self.session.matches()
+
+    def plan_mla(self, batches: list[torch.Tensor]) -> None:
+        """Calibrate the MLA factors on ``batches`` of token ids (before the first compile; ``optimize`` does it)."""
+        assert self.profile.mla is not None
+        self._program = build_cached_program(self.original)
+        self.session.mla_plan = plan_program(self._program, self.profile.mla, batches)
 
 
 def optimize(
@@ -117,6 +139,8 @@ def optimize(
         example_inputs = batches[0][:1, :128]
     args, kwargs = split_inputs(example_inputs)
     optimized = OptimizedModel(model, resolved, lower=lower, fallback=fallback, dynamic=dynamic)
+    if resolved.mla is not None and batches is not None:
+        optimized.plan_mla(batches)
     with torch.no_grad():
         optimized(*args, **kwargs)
     if optimized.session.empty:

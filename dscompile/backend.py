@@ -72,8 +72,12 @@ def deepseek_opt(
                  len(gm.graph.nodes), _miss_summary(matches))
     else:
         log.info("deepseek_opt: matched %s", matches.counts())
-    results = run_passes(gm, PassContext(captured, matches, profile))
-    matches_after = matches if not profile.rewrites else match_all(captured)
+    ctx = PassContext(captured, matches, profile, options={"mla_plan": session.mla_plan})
+    results = run_passes(gm, ctx)
+    session.mla_plan = ctx.options["mla_plan"]
+    if profile.rewrites:
+        captured = from_dynamo(gm, example_inputs)  # the weights the passes added are known from here on
+    matches_after = match_all(captured) if profile.rewrites else matches
     compiled = lower_graph(gm, example_inputs, opts.lower, mode=mode, fallback=opts.fallback)
     seconds = time.perf_counter() - start
     session.record(CompiledGraph(before, captured, matches, matches_after, results, opts.lower, seconds))

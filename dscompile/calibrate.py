@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
+from .capture import node_value
+
 
 @dataclass
 class Gram:
@@ -59,7 +61,7 @@ def record_grams(gm: GraphModule, nodes: Sequence[Node]) -> Iterator[dict[str, G
     yielded ``{node name: Gram}``. Use it around whatever calls the graph (a prefill, a forward)."""
     grams: dict[str, Gram] = {}
     for node in nodes:
-        val = node.meta.get("val")
+        val = node_value(node)
         if not isinstance(val, torch.Tensor) or not isinstance(val.shape[-1], int):
             raise ValueError(f"{node.name} has no static last dimension to collect statistics over")
         grams[node.name] = Gram.empty(int(val.shape[-1]))

@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     p_opt.add_argument("--window", type=int, default=256, help="tokens per perplexity window")
     p_opt.add_argument("--windows", type=int, default=8, help="held-out windows to measure perplexity on")
     p_opt.add_argument("--generate", type=int, default=32, help="new tokens to generate in the runtime (0: skip)")
+    p_opt.add_argument("--calibration-tokens", type=int, default=8192,
+                       help="tokens of held-out text, after the perplexity windows, that lossy rewrites are fitted to")
+    p_opt.add_argument("--heal-minutes", type=float, default=0.0,
+                       help="then heal the rewritten model this long on the calibration text (lossy profiles)")
 
     p_onnx = sub.add_parser("export-onnx", help="export token ids -> logits to ONNX, checked in onnxruntime")
     model_args(p_onnx)
@@ -87,14 +91,26 @@ def _inspect(args: argparse.Namespace) -> dict[str, Any]:
     return matches.to_dict()
 
 
-def _heldout_windows(tokenizer: Any, window: int, count: int) -> list[torch.Tensor]:
-    from .evaluate import windows
+def _heldout_ids(tokenizer: Any, tokens: int) -> torch.Tensor:
     from .models import heldout_text
 
     if tokenizer is None:
         raise DscompileError("the model has no tokenizer, so there is no text to measure perplexity on")
-    ids = torch.tensor(tokenizer(heldout_text(max_chars=window * count * 8))["input_ids"], dtype=torch.long)
-    return windows(ids, window, count)
+    return torch.tensor(tokenizer(heldout_text(max_chars=tokens * 8))["input_ids"], dtype=torch.long)
+
+
+def _heldout_windows(tokenizer: Any, window: int, count: int) -> list[torch.Tensor]:
+    from .evaluate import windows
+
+    return windows(_heldout_ids(tokenizer, window * count), window, count)
+
+
+def _calibration(tokenizer: Any, skip: int, tokens: int) -> torch.Tensor:
+    """``tokens`` of held-out text that start after the first ``skip`` (the perplexity windows): never scored."""
+    ids = _heldout_ids(tokenizer, skip + tokens)[skip:skip + tokens]
+    if ids.numel() < tokens:
+        raise DscompileError(f"the held-out text has only {ids.numel()} tokens left for calibration")
+    return ids.unsqueeze(0)
 
 
 def _measure(name: str, model: Any, batches: list[torch.Tensor]) -> dict[str, float]:
@@ -117,8 +133,14 @@ def _optimize(args: argparse.Namespace) -> dict[str, Any]:
     before = _measure("original", model, batches)
     log.info("compiling with %s (Inductor takes a minute or two on a CPU)", args.lower)
     start = time.perf_counter()
-    optimized = optimize(model, profile, example_inputs=batches[0], tokenizer=tokenizer, lower=args.lower)
+    calibration = _calibration(tokenizer, args.window * args.windows, args.calibration_tokens) \
+        if profile.rewrites else None
+    optimized = optimize(model, profile, calibration, example_inputs=batches[0], lower=args.lower)
     compile_s = time.perf_counter() - start
+    if args.heal_minutes > 0 and profile.rewrites:
+        from .heal import heal
+
+        heal(optimized, calibration, max_minutes=args.heal_minutes)
     after = _measure("optimized", optimized, batches)
     report = optimized.report().to_dict()
     print(optimized.report().diff)

@@ -12,17 +12,26 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .data import token_batches, token_count
 from .errors import ConfigError
 from .evaluate import logits_of
-from .passes.kv_cache import CachedProgram
+from .passes.kv_cache import CachedProgram, build_cached_program
+from .passes.mla import apply_latent_cache
+from .passes.mla_plan import calibration_windows
 from .runtime.generate import prefill_logits
+
+if TYPE_CHECKING:
+    from .api import OptimizedModel
 
 log = logging.getLogger("dscompile")
 
 CREATED_PREFIXES = ("mla_",)
+HEAL_WINDOW = 256
+MIN_HEAL_TOKENS = 4096
 
 
 @dataclass
@@ -31,6 +40,31 @@ class HealReport:
     seconds: float
     losses: list[float] = field(default_factory=list)
     trained_parameters: int = 0
+
+
+def heal(optimized: OptimizedModel, data: Any, tokenizer: Any = None, max_minutes: float = 30.0, *,
+         lr: float = 3e-4, max_steps: int | None = None, progress: bool = True) -> HealReport:
+    """Distil the original model into ``optimized``'s rewritten one, training only what the passes created.
+
+    ``data`` is token ids (a LongTensor or a list) or texts with ``tokenizer``; it is cut into windows of
+    256 tokens, two per step. Training stops after ``max_minutes`` (or ``max_steps``). The healed factors are
+    shared by the compiled forward and the generation runtime, which are recompiled on next use.
+    """
+    plan = optimized.session.mla_plan
+    if plan is None or not plan.factors:
+        raise ConfigError("nothing to heal: this model has no rewritten layers (optimize it with a lossy profile "
+                          "such as 'mla' first)")
+    batches = token_batches(data, tokenizer)
+    if token_count(batches) < MIN_HEAL_TOKENS:
+        log.warning("healing on %d tokens: with fewer than %d the factors fit this text rather than the model; "
+                    "pass more text", token_count(batches), MIN_HEAL_TOKENS)
+    windows = calibration_windows(batches, HEAL_WINDOW, rows=2)
+    program = build_cached_program(optimized.original, logits="all")
+    apply_latent_cache(program, plan.for_attentions(program.matches.attention))
+    report = heal_program(program, optimized.original, windows, max_minutes=max_minutes, max_steps=max_steps, lr=lr,
+                          progress=progress)
+    optimized.refresh()
+    return report
 
 
 def created_parameters(program: CachedProgram) -> dict[str, torch.nn.Parameter]:

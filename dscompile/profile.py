@@ -27,10 +27,13 @@ class MLAConfig:
     kv_ratio: float = 0.5
     rope_mode: str = "reconstruct"  # "reconstruct" or "absorb"
     refine: bool = False
+    v_weight: float = 1.0  # weight of V's rows against K's in the joint factorization
 
     def __post_init__(self) -> None:
         if not 0.0 < self.kv_ratio < 1.0:
             raise ConfigError(f"mla.kv_ratio must be in (0, 1) (fraction of KV bytes kept), got {self.kv_ratio}")
+        if not self.v_weight > 0:
+            raise ConfigError(f"mla.v_weight must be positive, got {self.v_weight}")
         if self.rope_mode not in ("reconstruct", "absorb"):
             raise ConfigError(f"mla.rope_mode must be 'reconstruct' or 'absorb', got {self.rope_mode!r}")
 

@@ -18,6 +18,13 @@ def _distinct_params(graphs: list[Any], attr: str) -> int:
     return count_params(ref for g in graphs for ref in getattr(g, attr).weights.values())
 
 
+def _plan_extra(plan: Any) -> dict[str, Any]:
+    if plan is None:
+        return {}
+    return {"mla_ranks": plan.ranks(), "mla_calibration_tokens": plan.calibration_tokens,
+            "mla_skipped": dict(plan.skipped)}
+
+
 @dataclass
 class Report:
     """What a compile found and did; ``to_dict()`` is the stable, JSON-ready form."""
@@ -46,7 +53,7 @@ class Report:
             profile=profile, matches=session.matches(), diff=session.diff(),
             passes=[p for g in graphs for p in g.passes], params_before=before, params_after=after,
             active_params_per_token=active, graphs=len(graphs),
-            compile_seconds=sum(g.seconds for g in graphs),
+            compile_seconds=sum(g.seconds for g in graphs), extra=_plan_extra(session.mla_plan),
         )
 
     def to_dict(self) -> dict[str, Any]:

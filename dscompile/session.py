@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 from .capture import CapturedGraph
 from .diff import GraphDiff, diff, merge
@@ -32,6 +33,7 @@ class CompileSession:
     """Every graph compiled for one model (Dynamo splits a model into several at graph breaks)."""
 
     graphs: list[CompiledGraph] = field(default_factory=list)
+    mla_plan: Any = None  # the MLAPlan the MLA pass used (made by optimize from calibration, or by the pass)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record(self, compiled: CompiledGraph) -> None:
@@ -52,11 +54,13 @@ class CompileSession:
         return merge([g.diff() for g in self._distinct()])
 
     def _distinct(self) -> list[CompiledGraph]:
-        """Recompiles (new shapes, new guards) repeat a graph; count each distinct graph once."""
-        seen: set[str] = set()
+        """Recompiles (new shapes, new guards) repeat a graph; count each distinct graph once. A graph is known by the
+        weights it reads (recompiles for new shapes change the code, not the weights), or by its code if it has none."""
+        seen: set[object] = set()
         out: list[CompiledGraph] = []
         for g in self.graphs:
-            key = g.before.gm.code
+            names = tuple(sorted(w.name for w in g.before.weights.values()))
+            key = names or g.before.gm.code
             if key not in seen:
                 seen.add(key)
                 out.append(g)

@@ -76,3 +76,19 @@ def test_bad_arguments_are_usage_errors(capsys):
 def test_example_ids_without_tokenizer():
     ids = cli._example(None)
     assert ids.shape == (1, 16) and ids.dtype == torch.long
+
+
+@pytest.mark.slow
+def test_optimize_mla_calibrates_on_text_it_does_not_score_and_heals(tmp_path, capsys):
+    out = tmp_path / "result.json"
+    code = cli.main(["optimize", "--model", "smollm2", "--profile", "mla", "--lower", "eager", "--windows", "2",
+                     "--window", "64", "--calibration-tokens", "2560", "--heal-minutes", "0.05", "--generate", "4",
+                     "--json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "KV bytes per token   46,080 -> 23,040" in printed
+    result = json.loads(out.read_text())
+    report = result["report"]
+    assert report["mla_calibration_tokens"] == 2560 and set(report["mla_ranks"].values()) == {192}
+    assert 1.0 < result["after"]["perplexity"] / result["before"]["perplexity"] < 1.5
+    assert result["generation"]["cache_bytes"] == 23_048 * result["generation"]["extra"]["capacity"]

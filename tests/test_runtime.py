@@ -292,3 +292,16 @@ def test_value_heads_wider_than_query_heads_generate_exactly():
     runtime = Runtime(program, lower="eager")
     x = torch.randint(0, 72, (2, 5), generator=torch.Generator().manual_seed(0))
     _assert_same_or_near_tie(model, runtime.generate(x, max_new_tokens=20), _full_recompute_greedy(model, x, 20))
+
+
+@pytest.mark.parametrize("name", ["mistral", "table_lm", "gemma2"])
+def test_chunked_prefill_equals_one_prefill(name, programs):
+    """Long prompts are prefilled in chunks; causal masking makes that exact, windows and padding included."""
+    model, _, expect = built(name)
+    x = torch.randint(1, expect.vocab, (2, 11), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(x)
+    mask[1, :4] = 0
+    one = Runtime(programs(name), lower="eager")
+    chunked = Runtime(programs(name), lower="eager", prefill_tokens=6)  # 3 tokens per row: 4 chunks
+    whole = one.generate(x, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
+    assert torch.equal(chunked.generate(x, attention_mask=mask, max_new_tokens=8, eos_token_id=[]), whole)

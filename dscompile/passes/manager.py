@@ -11,12 +11,13 @@ from ..errors import UnsupportedError
 from ..profile import Profile
 from .base import PassContext, PassFn, PassResult, pass_uuid
 from .cleanup import cleanup
+from .mla_forward import mla_pass
 
 log = logging.getLogger("dscompile")
 
 # Rewrite name -> pass. Passes register here as they land; a profile naming one that is absent is refused
 # before any work (see check_supported).
-REGISTRY: dict[str, PassFn] = {}
+REGISTRY: dict[str, PassFn] = {"mla": mla_pass}
 ORDER = ("mla", "moe", "mtp")
 
 
@@ -29,6 +30,12 @@ def check_supported(profile: Profile) -> None:
             f"this version of dscompile does not implement yet; available rewrites: "
             f"{', '.join(REGISTRY) or 'none'} (use profile='none' to compile without rewriting)"
         )
+    if profile.mla is not None and profile.mla.rope_mode == "absorb":
+        raise UnsupportedError("mla.rope_mode='absorb' is not implemented yet; use rope_mode='reconstruct' (the "
+                               "default: the cache holds the pre-RoPE latent and keys are rebuilt and rotated)")
+    if profile.mla is not None and profile.mla.refine:
+        raise UnsupportedError("mla.refine=True (per-layer refinement of the factors) is not implemented yet; "
+                               "leave it False and heal instead: dscompile.heal(optimized, data)")
 
 
 def run_passes(gm: GraphModule, ctx: PassContext) -> list[PassResult]:

@@ -21,6 +21,7 @@ from torch.fx import Graph, Node
 from ..calibrate import Gram, record_grams
 from ..errors import ConfigError
 from ..lowrank import JointFactors, allocate_ranks, joint_factorize
+from ..patterns import AttentionMatch, ops
 from .kv_cache import CachedProgram, LayerCache, same_size, seq_symbol
 
 log = logging.getLogger("dscompile")
@@ -53,24 +54,46 @@ def calibrate(program: CachedProgram, batches: Sequence[torch.Tensor]) -> dict[i
     return {i: grams[node.name] for i, node in enumerate(inputs)}
 
 
+def unsupported_reason(attn: AttentionMatch) -> str | None:
+    """Why a layer's K and V cannot go through one latent yet, or None when they can."""
+    if attn.fused_qkv or attn.k.weight_layout != "out_in" or attn.v.weight_layout != "out_in":
+        return "fused or transposed K/V projection (not supported yet)"
+    if not ops.is_op(attn.k.node, ops.LINEAR) or not ops.is_op(attn.v.node, ops.LINEAR):
+        return "K or V is not computed by a linear call"
+    if attn.k.input is not attn.v.input:
+        return "K and V are projected from different inputs"
+    if attn.k.weight.tensor is None or attn.v.weight.tensor is None:
+        return "the K/V weights are not known at compile time"
+    return None
+
+
 def factorize(program: CachedProgram, grams: dict[int, Gram] | None, kv_ratio: float, *,
               v_weight: float = 1.0, strategy: str = "uniform", ranks: Sequence[int] | None = None,
               ) -> dict[int, JointFactors]:
-    """Joint K/V factors per layer, with ranks from a global budget of ``kv_ratio`` of the cached values (or
-    ``ranks`` given per layer)."""
+    """Joint K/V factors for the program's layers (see :func:`factorize_attention`)."""
+    return factorize_attention(program.matches.attention, grams, kv_ratio, v_weight=v_weight, strategy=strategy,
+                               ranks=ranks)
+
+
+def factorize_attention(attentions: Sequence[AttentionMatch], grams: dict[int, Gram] | None, kv_ratio: float, *,
+                        v_weight: float = 1.0, strategy: str = "uniform", ranks: Sequence[int] | None = None,
+                        ) -> dict[int, JointFactors]:
+    """Joint K/V factors for every layer that can take a latent (by index in ``attentions``), with ranks from a
+    global budget of ``kv_ratio`` of those layers' cached values, or ``ranks`` given per layer."""
     full: dict[int, JointFactors] = {}
-    for i, attn in enumerate(program.matches.attention):
-        k, v = attn.k.weight.tensor, attn.v.weight.tensor
-        if k is None or v is None:
+    for i, attn in enumerate(attentions):
+        if unsupported_reason(attn) is not None:
             continue
+        k, v = attn.k.weight.tensor, attn.v.weight.tensor
         width = min(k.shape[0] + v.shape[0], k.shape[1])
         cov = grams[i].covariance() if grams is not None and i in grams else None
         full[i] = joint_factorize([k, v], width, cov, scales=(1.0, v_weight))
+    if not full:
+        return {}
     if ranks is None:
         if not 0.0 < kv_ratio <= 1.0:
             raise ConfigError(f"kv_ratio must be in (0, 1], got {kv_ratio}")
-        widths = kv_widths(program)
-        budget = max(len(full), round(kv_ratio * sum(widths[i] for i in full)))
+        budget = max(len(full), round(kv_ratio * sum(attentions[i].kv_width for i in full)))
         budget = min(budget, sum(f.rank for f in full.values()))
         ranks = allocate_ranks([full[i].spectrum for i in full], budget, strategy=strategy)
     elif len(ranks) != len(full):
@@ -95,6 +118,10 @@ def apply_latent_cache(program: CachedProgram, factors: dict[int, JointFactors])
     with graph.inserting_after(slot_cache):
         slot_positions = graph.call_function(_INDEX_COPY, (slot_cache, 1, holders["cache_position"],
                                                            holders["position_ids"]))
+    for i, attn in enumerate(program.matches.attention):
+        reason = unsupported_reason(attn)
+        if i not in factors and reason is not None:
+            result.skipped[i] = reason  # factorize leaves such layers out: say why they keep a full cache
     for i, f in factors.items():
         reason = _rewrite_layer(program, i, f, holders, slot_positions, seq)
         if reason is None:
@@ -116,10 +143,9 @@ def apply_latent_cache(program: CachedProgram, factors: dict[int, JointFactors])
 def _rewrite_layer(program: CachedProgram, i: int, f: JointFactors, holders: dict[str, Node], slot_positions: Node,
                    seq: object) -> str | None:
     attn = program.matches.attention[i]
-    if attn.fused_qkv or attn.k.weight_layout != "out_in" or attn.v.weight_layout != "out_in":
-        return "fused or transposed K/V projection (not supported yet)"
-    if attn.k.input is not attn.v.input:
-        return "K and V are projected from different inputs"
+    reason = unsupported_reason(attn)
+    if reason is not None:
+        return reason
     graph = program.gm.graph
     k_cache, v_cache = holders[f"k_cache_{i}"], holders[f"v_cache_{i}"]
     stores = [n for n in graph.nodes if n.target is _INDEX_COPY and n.args[0] in (k_cache, v_cache)]
@@ -129,11 +155,7 @@ def _rewrite_layer(program: CachedProgram, i: int, f: JointFactors, holders: dic
     if not (_reaches(k_store.args[3], attn.k.node) and _reaches(v_store.args[3], attn.v.node)):
         return "keys or values do not come from the matched projections"
     gm = program.gm
-    names = []
-    for part, tensor in (("down", f.down), ("up_k", f.ups[0]), ("up_v", f.ups[1])):
-        name = f"mla_{i}_{part}"
-        gm.register_parameter(name, torch.nn.Parameter(tensor.detach().clone(), requires_grad=False))
-        names.append(name)
+    names = register_factors(gm, f"mla_{i}", f)
     with graph.inserting_before(k_cache):
         latent_cache = graph.placeholder(f"latent_cache_{i}")
     with graph.inserting_before(k_store):
@@ -143,8 +165,8 @@ def _rewrite_layer(program: CachedProgram, i: int, f: JointFactors, holders: dic
         capacity = graph.call_function(torch.ops.aten.sym_size.int, (latent_cache, 1))
         slots = graph.call_function(torch.ops.aten.arange.default, (capacity,),
                                     {"dtype": torch.long, "device": program.device})
-        k_bias = _bias_node(graph, attn.k.node)
-        v_bias = _bias_node(graph, attn.v.node)
+        k_bias = bias_node(graph, attn.k.node)
+        v_bias = bias_node(graph, attn.v.node)
         k_all = graph.call_function(torch.ops.aten.linear.default, (latents, up_k, k_bias))
         v_all = graph.call_function(torch.ops.aten.linear.default, (latents, up_v, v_bias))
         subs = {holders["position_ids"]: slot_positions, holders["cache_position"]: slots}
@@ -162,7 +184,20 @@ def _rewrite_layer(program: CachedProgram, i: int, f: JointFactors, holders: dic
     return None
 
 
-def _bias_node(graph: Graph, linear: Node) -> Node | None:
+def register_factors(gm: torch.nn.Module, prefix: str, f: JointFactors) -> list[str]:
+    """Register ``f``'s down and up projections on ``gm`` as ``{prefix}_down``, ``_up_k``, ``_up_v``. Parameters
+    are shared, not copied (an :class:`~dscompile.passes.mla_plan.MLAPlan`'s factors serve every program, so
+    healing one heals all); plain tensors are copied into new parameters."""
+    names = []
+    for part, tensor in (("down", f.down), ("up_k", f.ups[0]), ("up_v", f.ups[1])):
+        param = tensor if isinstance(tensor, torch.nn.Parameter) else \
+            torch.nn.Parameter(tensor.detach().clone(), requires_grad=False)
+        gm.register_parameter(f"{prefix}_{part}", param)
+        names.append(f"{prefix}_{part}")
+    return names
+
+
+def bias_node(graph: Graph, linear: Node) -> Node | None:
     bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
     return bias if isinstance(bias, Node) else None
 

@@ -21,6 +21,9 @@ from .sampling import check_sampling, choose_next
 log = logging.getLogger("dscompile")
 
 BUCKET = 128
+PREFILL_TOKENS = 4096
+"""A prompt is prefilled in chunks of at most this many tokens over all rows: transient activations (attention
+bias, FFN intermediates, MLA's rebuilt keys) stay bounded however long the context is."""
 LOWERINGS = ("inductor", "eager")
 
 
@@ -56,7 +59,8 @@ class Runtime:
     """Runs a :class:`CachedProgram`: ``generate`` with Hugging Face semantics, stats in ``monitor``."""
 
     def __init__(self, program: CachedProgram, *, lower: str = "inductor", max_positions: int | None = None,
-                 pad_token_id: int | None = None, eos_token_id: int | list[int] | None = None):
+                 pad_token_id: int | None = None, eos_token_id: int | list[int] | None = None,
+                 prefill_tokens: int = PREFILL_TOKENS):
         if lower not in LOWERINGS:
             raise ConfigError(f"unknown runtime lower={lower!r}; valid: {', '.join(LOWERINGS)}")
         self.program = program
@@ -64,6 +68,7 @@ class Runtime:
         self.max_positions = max_positions
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
+        self.prefill_tokens = prefill_tokens
         self.monitor = Monitor()
         self._decode: Callable[..., Any] | None = None
 
@@ -79,6 +84,10 @@ class Runtime:
             else:
                 self._decode = _compile_decode(self.program.gm, self.device)
         return self._decode
+
+    def reset_compiled(self) -> None:
+        """Drop the compiled decode step (it is compiled again on next use)."""
+        self._decode = None
 
     def capacity_for(self, total: int) -> int:
         """Cache slots for ``total`` tokens: rounded up to a bucket, so similar lengths share one compiled step."""
@@ -107,6 +116,17 @@ class Runtime:
         biases = [attention_bias(key_valid, cache_position, w, self.program.dtype) for w in self.program.windows]
         out = fn(ids, positions, cache_position, *biases, *caches)
         return out[0] if isinstance(out, (tuple, list)) else out
+
+    def _prefill(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
+                 caches: list[torch.Tensor]) -> torch.Tensor:
+        """The prompt through the program in chunks of whole rows (causal masking makes chunks exact)."""
+        batch, prompt = ids.shape
+        chunk = max(1, self.prefill_tokens // batch)
+        for start in range(0, prompt, chunk):
+            end = min(prompt, start + chunk)
+            logits = self._run(self.program.gm, ids[:, start:end], positions[:, start:end],
+                               torch.arange(start, end, device=ids.device), key_valid, caches)
+        return logits
 
     @torch.no_grad()
     def generate(
@@ -155,7 +175,7 @@ class Runtime:
         produced = 0
         with peak_memory(device) as peak:
             clock = Stopwatch(device)
-            logits = self._run(self.program.gm, ids, positions, torch.arange(prompt, device=device), key_valid, caches)
+            logits = self._prefill(ids, positions, key_valid, caches)
             next_token = choose_next(logits[:, -1], **sample)
             first_token_s = clock.lap()
             step = self.decode_step()

@@ -1,0 +1,90 @@
+"""The ``mla`` pass on forward graphs: K and V are computed through one latent per token.
+
+``torch.compile`` hands the backend cache-free forward graphs. There the pass replaces each matched layer's K and V
+projections ``W_k x``, ``W_v x`` by ``U_k c`` and ``U_v c`` with ``c = D x``: the numbers the latent-cache runtime
+computes, so a model compiled with an MLA profile is the model whose cache holds ``c`` (the memory itself is saved
+where dscompile owns the cache: ``OptimizedModel.generate``). The factors come from the model's plan when
+``optimize`` made one (calibrated on the user's text), or else from the graph's own example inputs, with a warning
+about how few tokens that was.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ..lowrank import JointFactors
+from ..patterns import AttentionMatch
+from .base import PassContext, PassResult
+from .cleanup import cleanup
+from .mla import bias_node, register_factors, unsupported_reason
+from .mla_plan import MLAPlan, plan_graph
+
+log = logging.getLogger("dscompile")
+
+
+def mla_pass(gm: GraphModule, ctx: PassContext) -> PassResult:
+    """Route every supported attention's K and V through the plan's latent; report the layers left alone."""
+    config = ctx.profile.mla
+    assert config is not None, "the pass manager runs mla only for profiles with an MLA config"
+    attentions = ctx.matches.attention
+    plan: MLAPlan | None = ctx.options.get("mla_plan")
+    if plan is None or not plan.covers(attentions):
+        own = plan_graph(ctx.captured, attentions, config)
+        plan = own if plan is None else plan.merged(own)
+        ctx.options["mla_plan"] = plan  # the backend keeps it in the session: the runtime uses the same factors
+    factors = plan.for_attentions(attentions)
+    result = PassResult("mla", gm)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for i, attn in enumerate(attentions):
+        reason = unsupported_reason(attn)
+        if reason is None and i not in factors:
+            reason = "no factors for this layer in the plan"
+        if reason is not None:
+            result.skipped.append(f"{attn.layer}: {reason}")
+            continue
+        _through_latent(gm, attn, factors[i], f"mla_{i}", order)
+        result.rewrites += 1
+        result.notes.append(f"{attn.layer}: K/V through a latent of {factors[i].rank} "
+                            f"(was {attn.kv_width} values per token)")
+    if result.rewrites:
+        cleanup(gm, ctx)
+    return result
+
+
+def _through_latent(gm: GraphModule, attn: AttentionMatch, f: JointFactors, prefix: str,
+                    order: dict[Node, int]) -> None:
+    graph = gm.graph
+    down, up_k, up_v = register_factors(gm, prefix, f)
+    first = min(attn.k.node, attn.v.node, key=order.__getitem__)
+    linear = attn.k.node.target  # the graph's own spelling of a linear (torch-level or ATen)
+    with graph.inserting_before(first):
+        weights = [_attr(graph, gm, name) for name in (down, up_k, up_v)]
+        latent = _call(graph, linear, attn.k.input, weights[0], None)
+        k = _call(graph, linear, latent, weights[1], bias_node(graph, attn.k.node))
+        v = _call(graph, linear, latent, weights[2], bias_node(graph, attn.v.node))
+    attn.k.node.replace_all_uses_with(k)
+    attn.v.node.replace_all_uses_with(v)
+    graph.erase_node(attn.k.node)
+    graph.erase_node(attn.v.node)
+
+
+def _attr(graph: torch.fx.Graph, gm: GraphModule, name: str) -> Node:
+    node = graph.get_attr(name)
+    node.meta["val"] = getattr(gm, name)
+    return node
+
+
+def _call(graph: torch.fx.Graph, target: Any, x: Node, weight: Node, bias: Node | None) -> Node:
+    """A linear node with its shape metadata (a fake value like its input's), which matching and lowering read."""
+    from ..capture import node_value
+
+    node = graph.call_function(target, (x, weight, bias))
+    x_val = node_value(x)
+    rows = node_value(weight).shape[0]
+    if isinstance(x_val, torch.Tensor):
+        node.meta["val"] = x_val.new_empty((*x_val.shape[:-1], rows))
+    return node

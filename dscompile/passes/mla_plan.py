@@ -1,0 +1,146 @@
+"""An MLA plan: the latent factors of every attention layer of one model, computed once and shared.
+
+The same factors serve three places: the forward graphs ``torch.compile`` hands the backend (K and V computed
+through the latent), the runtime's cached program (which stores the latent instead of K and V) and healing (which
+trains them). Layers are keyed by their K and V weight tensors, which are the same objects in a Dynamo graph, in
+an exported program and in the model, so a plan made from one graph applies to the others. The factors are
+``nn.Parameter`` objects registered as they are (never copied) wherever the plan is applied: healing one program
+updates every program built from the plan.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..calibrate import Gram, record_grams
+from ..capture import CapturedGraph
+from ..lowrank import JointFactors
+from ..patterns import AttentionMatch
+from ..profile import MLAConfig
+from . import mla
+
+log = logging.getLogger("dscompile")
+
+MIN_TOKENS_PER_WIDTH = 4
+"""Calibration tokens wanted per input feature: fewer leave the whitening covariance poorly estimated."""
+
+CALIBRATION_WINDOW = 512
+"""Calibration text is cut into windows of this many tokens (one prefill each, four rows at a time)."""
+
+Key = tuple[int, tuple[int, ...], int, tuple[int, ...]]
+
+
+def layer_key(attn: AttentionMatch) -> Key | None:
+    """Identity of a layer across graphs: where its K and V weights live, and their shapes."""
+    k, v = attn.k.weight.tensor, attn.v.weight.tensor
+    if k is None or v is None:
+        return None
+    return k.data_ptr(), tuple(k.shape), v.data_ptr(), tuple(v.shape)
+
+
+@dataclass
+class MLAPlan:
+    """Factors by layer, what calibration saw, and the layers left with a full cache (name -> reason)."""
+
+    config: MLAConfig
+    factors: dict[Key, JointFactors] = field(default_factory=dict)
+    layers: dict[Key, str] = field(default_factory=dict)  # key -> layer name, for reports
+    calibration_tokens: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def for_attentions(self, attentions: Sequence[AttentionMatch]) -> dict[int, JointFactors]:
+        """The factors of ``attentions`` (by index) that this plan covers."""
+        out = {}
+        for i, attn in enumerate(attentions):
+            key = layer_key(attn)
+            if key is not None and key in self.factors:
+                out[i] = self.factors[key]
+        return out
+
+    def covers(self, attentions: Sequence[AttentionMatch]) -> bool:
+        """True when every layer of ``attentions`` that can take a latent has factors here."""
+        ready = [a for a in attentions if mla.unsupported_reason(a) is None]
+        return bool(ready) and all(layer_key(a) in self.factors for a in ready)
+
+    def merged(self, other: MLAPlan) -> MLAPlan:
+        """This plan plus the layers only ``other`` covers (a model that Dynamo split into several graphs)."""
+        for key, f in other.factors.items():
+            self.factors.setdefault(key, f)
+            self.layers.setdefault(key, other.layers[key])
+        self.skipped.update(other.skipped)
+        self.calibration_tokens = max(self.calibration_tokens, other.calibration_tokens)
+        return self
+
+    def ranks(self) -> dict[str, int]:
+        return {self.layers[k]: f.rank for k, f in self.factors.items()}
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for f in self.factors.values() for p in (f.down, *f.ups)]  # type: ignore[misc]
+
+
+def make_plan(config: MLAConfig, attentions: Sequence[AttentionMatch], grams: dict[int, Gram] | None,
+              tokens: int) -> MLAPlan:
+    """Factor ``attentions`` under ``config``'s KV budget; warn when ``tokens`` of calibration is too little."""
+    _warn_if_thin(attentions, tokens)
+    factors = mla.factorize_attention(attentions, grams, config.kv_ratio, v_weight=config.v_weight)
+    plan = MLAPlan(config, calibration_tokens=tokens)
+    for i, attn in enumerate(attentions):
+        reason = mla.unsupported_reason(attn)
+        if reason is not None:
+            plan.skipped[attn.layer] = reason
+            continue
+        key = layer_key(attn)
+        f = factors[i]
+        plan.factors[key] = JointFactors(_parameter(f.down), [_parameter(u) for u in f.ups], f.spectrum)
+        plan.layers[key] = attn.layer
+    log.info("mla plan: %d layers, ranks %s, %d calibration tokens%s", len(plan.factors),
+             sorted(set(plan.ranks().values())), tokens,
+             "".join(f"; {name} skipped: {why}" for name, why in plan.skipped.items()))
+    return plan
+
+
+def plan_program(program: mla.CachedProgram, config: MLAConfig, batches: Sequence[torch.Tensor]) -> MLAPlan:
+    """Calibrate on ``batches`` of token ids through the runtime's program (before any latent rewrite) and plan."""
+    windows = calibration_windows(batches)
+    grams = mla.calibrate(program, windows)
+    return make_plan(config, program.matches.attention, grams, sum(w.numel() for w in windows))
+
+
+def plan_graph(captured: CapturedGraph, attentions: Sequence[AttentionMatch], config: MLAConfig) -> MLAPlan:
+    """Calibrate on the graph's own example inputs (what ``torch.compile`` gives a backend) and plan."""
+    inputs = list(dict.fromkeys(a.k.input for a in attentions if mla.unsupported_reason(a) is None))
+    if not inputs:
+        return make_plan(config, attentions, None, 0)
+    with record_grams(captured.gm, inputs) as grams:
+        captured.gm(*captured.inputs)
+    by_layer = {i: grams[a.k.input.name] for i, a in enumerate(attentions) if a.k.input.name in grams}
+    tokens = max(g.tokens for g in grams.values())
+    return make_plan(config, attentions, by_layer, tokens)
+
+
+def calibration_windows(batches: Sequence[torch.Tensor], window: int = CALIBRATION_WINDOW,
+                        rows: int = 4) -> list[torch.Tensor]:
+    """Token batches cut into ``[rows, window]`` prefills (long texts would exceed positions and memory)."""
+    pieces = [row[i:i + window] for batch in batches for row in batch for i in range(0, row.numel(), window)]
+    out = []
+    for length in sorted({p.numel() for p in pieces}, reverse=True):
+        same = [p for p in pieces if p.numel() == length]
+        out += [torch.stack(same[i:i + rows]) for i in range(0, len(same), rows)]
+    return out
+
+
+def _warn_if_thin(attentions: Sequence[AttentionMatch], tokens: int) -> None:
+    widths = [a.k.in_features for a in attentions if mla.unsupported_reason(a) is None]
+    wanted = MIN_TOKENS_PER_WIDTH * max(widths, default=0)
+    if tokens < wanted:
+        log.warning("mla: calibrated on %d tokens, fewer than the %d that a %d-wide projection input wants "
+                    "(%d per feature); the factors will fit these tokens and generalise poorly: pass more text as "
+                    "calibration=", tokens, wanted, max(widths), MIN_TOKENS_PER_WIDTH)
+
+
+def _parameter(tensor: torch.Tensor) -> torch.nn.Parameter:
+    return torch.nn.Parameter(tensor.detach().contiguous(), requires_grad=False)
