@@ -78,8 +78,6 @@ class MLAPlan:
     def ranks(self) -> dict[str, int]:
         return {self.layers[k]: f.rank for k, f in self.factors.items()}
 
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return [p for f in self.factors.values() for p in (f.down, *f.ups)]  # type: ignore[misc]
 
 
 def make_plan(config: MLAConfig, attentions: Sequence[AttentionMatch], grams: dict[int, Gram] | None,
