@@ -10,7 +10,6 @@ about how few tokens that was.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -22,8 +21,6 @@ from .base import PassContext, PassResult
 from .cleanup import cleanup
 from .mla import bias_node, register_factors, unsupported_reason
 from .mla_plan import MLAPlan, plan_graph
-
-log = logging.getLogger("dscompile")
 
 
 def mla_pass(gm: GraphModule, ctx: PassContext) -> PassResult:

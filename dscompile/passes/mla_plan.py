@@ -79,7 +79,6 @@ class MLAPlan:
         return {self.layers[k]: f.rank for k, f in self.factors.items()}
 
 
-
 def make_plan(config: MLAConfig, attentions: Sequence[AttentionMatch], grams: dict[int, Gram] | None,
               tokens: int) -> MLAPlan:
     """Factor ``attentions`` under ``config``'s KV budget; warn when ``tokens`` of calibration is too little."""
