@@ -1,8 +1,8 @@
-"""MLA (reconstruct mode) on the embedded model, training-free: perplexity and KV bytes per token by kv_ratio.
+"""MLA on the embedded model: perplexity and KV bytes per token by kv_ratio and mode, training-free and healed.
 
-Usage: .venv/bin/python bench/mla.py [--ratios 0.75,0.5,0.25] [--v-weight 1.0] [--strategy uniform]
-                                      [--windows 8] [--heal-minutes 0] [--out bench/results/mla.json]
-       .venv/bin/python bench/mla.py --long 8192 --long-batch 8 [--ratios 0.5] [--skip-quality]
+Usage: .venv/bin/python bench/mla.py [--ratios 0.75,0.5,0.25] [--mode reconstruct|absorb] [--rope-dims 8]
+                                      [--v-weight 1.0] [--windows 8] [--heal-minutes 0] [--out bench/results/mla.json]
+       .venv/bin/python bench/mla.py --long 8192 --long-batch 8 [--ratios 0.5] [--mode absorb] [--skip-quality]
 
 Calibration: the first part of Python's documentation topics (pydoc_data). Evaluation on text calibration did not
 see: a later part of the same documentation, and, as another domain, Python source code (the standard library's
@@ -33,6 +33,8 @@ from dscompile import evaluate, models
 from dscompile.heal import heal_program
 from dscompile.passes import mla
 from dscompile.passes.kv_cache import CachedProgram, build_cached_program
+from dscompile.passes.mla_plan import make_plan
+from dscompile.profile import MLAConfig, Profile
 from dscompile.runtime.generate import prefill_logits
 
 WINDOW = 256
@@ -60,7 +62,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", default="0.75,0.5,0.25")
     parser.add_argument("--v-weight", type=float, default=1.0)
-    parser.add_argument("--strategy", default="uniform")
+    parser.add_argument("--mode", default="reconstruct", choices=("reconstruct", "absorb"))
+    parser.add_argument("--rope-dims", type=int, default=None, help="absorb mode: rotary dims kept per KV head")
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--calibration-windows", type=int, default=16)
     parser.add_argument("--heal-minutes", type=float, default=0.0, help="then heal each program this long")
@@ -73,7 +76,8 @@ def main() -> None:
     parser.add_argument("--long-worker", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.long_worker is not None:
-        print(json.dumps(long_worker(args.long_worker, args.long, args.long_batch, args.long_new)))
+        print(json.dumps(long_worker(args.long_worker, args.long, args.long_batch, args.long_new,
+                                     _config(args.long_worker, args))))
         return
     ratios = [float(r) for r in args.ratios.split(",")]
     long_rows = long_run(ratios, args) if args.long else []
@@ -102,12 +106,13 @@ def main() -> None:
     for ratio in ratios:
         program = build_cached_program(model, logits="all")
         start = time.perf_counter()
-        factors = mla.factorize(program, grams, ratio, v_weight=args.v_weight, strategy=args.strategy)
-        mla.apply_latent_cache(program, factors)
+        plan = make_plan(_config(ratio, args), program.matches.attention, grams, len(calibration) * WINDOW)
+        plan.apply(program)
         build_s = time.perf_counter() - start
-        row = {"kv_ratio": ratio, "mode": "reconstruct", "v_weight": args.v_weight, "strategy": args.strategy,
-               "kv_bytes_per_token": program.cache_bytes_per_token(), "factorize_s": build_s,
-               "ranks": [f.rank for f in factors.values()]}
+        row = {"kv_ratio": ratio, "mode": args.mode, "v_weight": args.v_weight, "kv_bytes_per_token":
+               program.cache_bytes_per_token(), "factorize_s": build_s, "ranks": list(plan.ranks().values())}
+        if args.mode == "absorb":
+            row["rope_dims"] = sorted({len(d) for d in plan.rope_dims.values()})
         for domain, windows in (("docs", held_docs), ("code", held_code)):
             ppl = perplexity(program, windows)
             row[f"ppl_{domain}"] = ppl
@@ -131,6 +136,10 @@ def main() -> None:
                             "rows": rows, "long": long_rows})
 
 
+def _config(ratio: float, args: argparse.Namespace) -> MLAConfig | None:
+    return MLAConfig(ratio, args.mode, v_weight=args.v_weight, rope_dims=args.rope_dims) if ratio else None
+
+
 def _write(out: Path, data: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2))
@@ -142,8 +151,11 @@ def long_run(ratios: list[float], args: argparse.Namespace) -> list[dict]:
     rows = []
     for ratio in [0.0, *ratios]:
         command = [sys.executable, __file__, "--long-worker", str(ratio), "--long", str(args.long),
-                   "--long-batch", str(args.long_batch), "--long-new", str(args.long_new)]
-        done = subprocess.run(command, capture_output=True, text=True, check=True)
+                   "--long-batch", str(args.long_batch), "--long-new", str(args.long_new), "--mode", args.mode,
+                   "--v-weight", str(args.v_weight)] + (["--rope-dims", str(args.rope_dims)] if args.rope_dims else [])
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"the kv_ratio {ratio} worker failed:\n{done.stderr[-4000:]}")
         row = json.loads(done.stdout.strip().splitlines()[-1])
         base = rows[0] if rows else row
         row["cache_ratio"] = row["cache_bytes"] / base["cache_bytes"]
@@ -151,7 +163,7 @@ def long_run(ratios: list[float], args: argparse.Namespace) -> list[dict]:
         row["peak_rise_ratio"] = row["peak_rise_bytes"] / base["peak_rise_bytes"]
         row["decode_ratio"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
         rows.append(row)
-        print(f"context {args.long} batch {args.long_batch}, kv_ratio {ratio or 'full'}: cache "
+        print(f"context {args.long} batch {args.long_batch}, kv_ratio {ratio or 'full'} ({args.mode}): cache "
               f"{row['cache_bytes'] / 2**20:.0f} MiB ({row['cache_ratio']:.2f}x), peak "
               f"{row['peak_memory_bytes'] / 2**20:.0f} MiB ({row['peak_ratio']:.2f}x; rise "
               f"{row['peak_rise_bytes'] / 2**20:.0f} MiB, {row['peak_rise_ratio']:.2f}x), prefill "
@@ -160,7 +172,7 @@ def long_run(ratios: list[float], args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def long_worker(ratio: float, context: int, batch: int, new: int) -> dict:
+def long_worker(ratio: float, context: int, batch: int, new: int, config: MLAConfig | None) -> dict:
     """One generation at ``context`` tokens: full cache (``ratio`` 0) or MLA calibrated on 4096 tokens of docs."""
     from dscompile import optimize
     from dscompile.monitor import _proc_status_bytes
@@ -171,7 +183,7 @@ def long_worker(ratio: float, context: int, batch: int, new: int) -> dict:
     if prompts.shape[1] != context - new:
         raise SystemExit("not enough held-out text for the prompts")
     calibration = torch.tensor([docs[:4096]])
-    profile = {"mla": {"kv_ratio": ratio}} if ratio else "none"
+    profile = Profile(mla=config, name="mla") if config is not None else "none"
     optimized = optimize(model, profile, calibration=calibration if ratio else None,
                          example_inputs=None if ratio else calibration[:, :128])
     runtime = optimized.runtime()
@@ -179,7 +191,8 @@ def long_worker(ratio: float, context: int, batch: int, new: int) -> dict:
     before = _proc_status_bytes("VmRSS")
     runtime.generate(prompts, max_new_tokens=new, eos_token_id=[])
     stats = runtime.monitor.last
-    return {"kv_ratio": ratio or None, "context": context, "batch": batch, "new_tokens": new,
+    return {"kv_ratio": ratio or None, "mode": config.rope_mode if config else None, "context": context,
+            "batch": batch, "new_tokens": new,
             "kv_bytes_per_token": runtime.program.cache_bytes_per_token(), "cache_bytes": stats.cache_bytes,
             "peak_memory_bytes": stats.peak_memory_bytes, "rss_before_bytes": before,
             "peak_rise_bytes": stats.peak_memory_bytes - before, "prefill_s": stats.time_to_first_token_s,

@@ -16,7 +16,6 @@ from .lower import TARGETS
 from .monitor import Monitor
 from .passes.kv_cache import CachedProgram, build_cached_program
 from .passes.manager import check_supported
-from .passes.mla import apply_latent_cache
 from .passes.mla_plan import plan_program
 from .patterns import MatchSet, match_all
 from .profile import Profile, resolve_profile
@@ -74,7 +73,7 @@ class OptimizedModel(torch.nn.Module):
             self._program = None
             plan = self.session.mla_plan
             if self.profile.mla is not None and plan is not None:
-                apply_latent_cache(program, plan.for_attentions(program.matches.attention))
+                plan.apply(program)
             config = getattr(self.original, "generation_config", None)
             self._runtime = Runtime(
                 program, lower="eager" if self.lower == "eager" else "inductor", max_positions=program.max_positions,

@@ -20,7 +20,6 @@ from .data import token_batches, token_count
 from .errors import ConfigError
 from .evaluate import logits_of
 from .passes.kv_cache import CachedProgram, build_cached_program
-from .passes.mla import apply_latent_cache
 from .passes.mla_plan import calibration_windows
 from .runtime.generate import prefill_logits
 
@@ -60,7 +59,7 @@ def heal(optimized: OptimizedModel, data: Any, tokenizer: Any = None, max_minute
                     "pass more text", token_count(batches), MIN_HEAL_TOKENS)
     windows = calibration_windows(batches, HEAL_WINDOW, rows=2)
     program = build_cached_program(optimized.original, logits="all")
-    apply_latent_cache(program, plan.for_attentions(program.matches.attention))
+    plan.apply(program)
     report = heal_program(program, optimized.original, windows, max_minutes=max_minutes, max_steps=max_steps, lr=lr,
                           progress=progress)
     optimized.refresh()

@@ -28,6 +28,7 @@ class MLAConfig:
     rope_mode: str = "reconstruct"  # "reconstruct" or "absorb"
     refine: bool = False
     v_weight: float = 1.0  # weight of V's rows against K's in the joint factorization
+    rope_dims: int | None = None  # absorb mode: rotary dims kept per KV head (None: see mla_rope.default_rope_dims)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.kv_ratio < 1.0:
@@ -36,6 +37,9 @@ class MLAConfig:
             raise ConfigError(f"mla.v_weight must be positive, got {self.v_weight}")
         if self.rope_mode not in ("reconstruct", "absorb"):
             raise ConfigError(f"mla.rope_mode must be 'reconstruct' or 'absorb', got {self.rope_mode!r}")
+        if self.rope_dims is not None and (self.rope_dims < 0 or self.rope_dims % 2):
+            raise ConfigError(f"mla.rope_dims must be an even number >= 0 (rotary dims come in pairs), got "
+                              f"{self.rope_dims}")
 
 
 @dataclass(frozen=True)

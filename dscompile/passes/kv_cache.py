@@ -43,6 +43,7 @@ class LayerCache:
     v_head_dim: int
     window: int | None
     latent: int | None = None  # MLA: the width of the one latent per token that replaces K and V
+    rope_key: int = 0  # MLA absorb mode: rotary key dimensions per KV head cached beside the latent
 
     @property
     def kv_values(self) -> int:
@@ -51,7 +52,9 @@ class LayerCache:
 
     @property
     def values_per_token(self) -> int:
-        return self.latent if self.latent is not None else self.kv_values
+        if self.latent is None:
+            return self.kv_values
+        return self.latent + self.n_kv_heads * self.rope_key
 
 
 @dataclass
@@ -60,7 +63,8 @@ class CachedProgram:
 
     ``biases`` holds one additive attention bias ``[batch, 1, tokens, capacity]`` per distinct window in
     ``windows`` (``None`` = full causal); ``caches`` holds K then V for each layer in ``layers`` (one latent
-    ``[batch, capacity, width]`` for an MLA layer), then, when ``slot_positions`` is set, the position id of every
+    ``[batch, capacity, width]`` for an MLA layer, followed in absorb mode by its rotary key dimensions
+    ``[batch, kv_heads, capacity, rope_key]``), then, when ``slot_positions`` is set, the position id of every
     cache slot ``[batch, capacity]`` (MLA rebuilds rotated keys from it).
     """
 
@@ -73,6 +77,7 @@ class CachedProgram:
     notes: list[str] = field(default_factory=list)
     max_positions: int | None = None  # rows of the position tables, or the config's max_position_embeddings
     slot_positions: bool = False
+    decode_gm: GraphModule | None = None  # MLA absorb mode: the graph decode steps run (same inputs as gm)
 
     @property
     def device(self) -> torch.device:
@@ -91,6 +96,9 @@ class CachedProgram:
         for layer in self.layers:
             if layer.latent is not None:
                 caches.append(torch.zeros(batch, capacity, layer.latent, dtype=self.dtype, device=device))
+                if layer.rope_key:
+                    caches.append(torch.zeros(batch, layer.n_kv_heads, capacity, layer.rope_key, dtype=self.dtype,
+                                              device=device))
                 continue
             caches.append(torch.zeros(batch, layer.n_kv_heads, capacity, layer.head_dim, dtype=self.dtype,
                                       device=device))

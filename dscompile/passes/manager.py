@@ -30,9 +30,6 @@ def check_supported(profile: Profile) -> None:
             f"this version of dscompile does not implement yet; available rewrites: "
             f"{', '.join(REGISTRY) or 'none'} (use profile='none' to compile without rewriting)"
         )
-    if profile.mla is not None and profile.mla.rope_mode == "absorb":
-        raise UnsupportedError("mla.rope_mode='absorb' is not implemented yet; use rope_mode='reconstruct' (the "
-                               "default: the cache holds the pre-RoPE latent and keys are rebuilt and rotated)")
     if profile.mla is not None and profile.mla.refine:
         raise UnsupportedError("mla.refine=True (per-layer refinement of the factors) is not implemented yet; "
                                "leave it False and heal instead: dscompile.heal(optimized, data)")

@@ -16,13 +16,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch.fx import Graph, Node
+from torch.fx import Graph, GraphModule, Node
 
 from ..calibrate import Gram, record_grams
 from ..errors import ConfigError
 from ..lowrank import JointFactors, allocate_ranks, joint_factorize
 from ..patterns import AttentionMatch, ops
 from .kv_cache import CachedProgram, LayerCache, same_size, seq_symbol
+from .mla_absorb import LayerSite, absorb_layer
 
 log = logging.getLogger("dscompile")
 
@@ -77,14 +78,22 @@ def factorize(program: CachedProgram, grams: dict[int, Gram] | None, kv_ratio: f
 
 def factorize_attention(attentions: Sequence[AttentionMatch], grams: dict[int, Gram] | None, kv_ratio: float, *,
                         v_weight: float = 1.0, strategy: str = "uniform", ranks: Sequence[int] | None = None,
-                        ) -> dict[int, JointFactors]:
+                        rope_dims: dict[int, tuple[int, ...]] | None = None) -> dict[int, JointFactors]:
     """Joint K/V factors for every layer that can take a latent (by index in ``attentions``), with ranks from a
-    global budget of ``kv_ratio`` of those layers' cached values, or ``ranks`` given per layer."""
+    global budget of ``kv_ratio`` of those layers' cached values, or ``ranks`` given per layer.
+
+    ``rope_dims`` (absorb mode) names, per layer, the head dimensions whose keys stay rotary and are cached as they
+    are: those K rows are left out of the factorization (``ups[0]`` holds the other rows, head by head) and their
+    cached values come out of the budget."""
     full: dict[int, JointFactors] = {}
+    reserved = 0
     for i, attn in enumerate(attentions):
-        if unsupported_reason(attn) is not None:
+        if unsupported_reason(attn) is not None or (rope_dims is not None and i not in rope_dims):
             continue
         k, v = attn.k.weight.tensor, attn.v.weight.tensor
+        if rope_dims is not None:
+            k = k[plain_rows(attn, rope_dims[i])]
+            reserved += attn.n_kv_heads * len(rope_dims[i])
         width = min(k.shape[0] + v.shape[0], k.shape[1])
         cov = grams[i].covariance() if grams is not None and i in grams else None
         full[i] = joint_factorize([k, v], width, cov, scales=(1.0, v_weight))
@@ -93,7 +102,11 @@ def factorize_attention(attentions: Sequence[AttentionMatch], grams: dict[int, G
     if ranks is None:
         if not 0.0 < kv_ratio <= 1.0:
             raise ConfigError(f"kv_ratio must be in (0, 1], got {kv_ratio}")
-        budget = max(len(full), round(kv_ratio * sum(attentions[i].kv_width for i in full)))
+        budget = round(kv_ratio * sum(attentions[i].kv_width for i in full)) - reserved
+        if budget < len(full) and reserved:
+            raise ConfigError(f"kv_ratio={kv_ratio} leaves no room for a latent once the rotary key dimensions "
+                              f"({reserved} values per token) are cached: raise kv_ratio or lower mla.rope_dims")
+        budget = max(budget, len(full))
         budget = min(budget, sum(f.rank for f in full.values()))
         ranks = allocate_ranks([full[i].spectrum for i in full], budget, strategy=strategy)
     elif len(ranks) != len(full):
@@ -106,11 +119,22 @@ def factorize_attention(attentions: Sequence[AttentionMatch], grams: dict[int, G
     return out
 
 
-def apply_latent_cache(program: CachedProgram, factors: dict[int, JointFactors]) -> MLAResult:
-    """Rewrite ``program`` in place so the layers in ``factors`` cache their latent."""
+def plain_rows(attn: AttentionMatch, rope_dims: tuple[int, ...]) -> list[int]:
+    """Rows of ``W_k`` whose keys are not rotated in absorb mode: every head's dimensions outside ``rope_dims``."""
+    d = attn.head_dim
+    return [h * d + j for h in range(attn.n_kv_heads) for j in range(d) if j not in rope_dims]
+
+
+def apply_latent_cache(program: CachedProgram, factors: dict[int, JointFactors],
+                       rope_dims: dict[int, tuple[int, ...]] | None = None) -> MLAResult:
+    """Rewrite ``program`` in place so the layers in ``factors`` cache their latent: in ``reconstruct`` mode, or in
+    ``absorb`` mode (:mod:`.mla_absorb`, which adds ``program.decode_gm``) when ``rope_dims`` gives each layer's
+    rotary key dimensions."""
+    if rope_dims is not None:
+        return _absorb(program, factors, rope_dims)
     graph = program.gm.graph
-    result = MLAResult()
-    holders = {str(n.target): n for n in graph.nodes if n.op == "placeholder"}
+    result = _skipped(program, factors)
+    holders = _holders(graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     seq = seq_symbol(placeholders[0])  # the token ids come first
     with graph.inserting_after(placeholders[-1]):
@@ -118,42 +142,99 @@ def apply_latent_cache(program: CachedProgram, factors: dict[int, JointFactors])
     with graph.inserting_after(slot_cache):
         slot_positions = graph.call_function(_INDEX_COPY, (slot_cache, 1, holders["cache_position"],
                                                            holders["position_ids"]))
-    for i, attn in enumerate(program.matches.attention):
-        reason = unsupported_reason(attn)
-        if i not in factors and reason is not None:
-            result.skipped[i] = reason  # factorize leaves such layers out: say why they keep a full cache
     for i, f in factors.items():
-        reason = _rewrite_layer(program, i, f, holders, slot_positions, seq)
-        if reason is None:
-            result.ranks[i] = f.rank
-        else:
-            result.skipped[i] = reason
-            log.warning("mla: layer %d left with a full KV cache: %s", i, reason)
+        stores = unsupported_reason(program.matches.attention[i]) or _cache_stores(program, i, holders)
+        if isinstance(stores, str):
+            _skip(result, i, stores)
+            continue
+        _rewrite_layer(program, i, f, holders, stores, slot_positions, seq)
+        result.ranks[i] = f.rank
     if not slot_positions.users:
         graph.erase_node(slot_positions)
         graph.erase_node(slot_cache)
     else:
         program.slot_positions = True  # its placeholder went in after all others: the program's last input
-    graph.eliminate_dead_code()
-    graph.lint()
-    program.gm.recompile()
+    _finish(program.gm)
     return result
 
 
-def _rewrite_layer(program: CachedProgram, i: int, f: JointFactors, holders: dict[str, Node], slot_positions: Node,
-                   seq: object) -> str | None:
+def _absorb(program: CachedProgram, factors: dict[int, JointFactors],
+            rope_dims: dict[int, tuple[int, ...]]) -> MLAResult:
+    """Absorb mode: a copy of the program's graph becomes the decode graph; each layer is rewritten in both."""
+    result = _skipped(program, factors)
+    copies: dict[Node, Node] = {}
+    graph = Graph()
+    graph.output(graph.graph_copy(program.gm.graph, copies))
+    decode = GraphModule(program.gm, graph)
+    holders, decode_holders = _holders(program.gm.graph), _holders(decode.graph)
+    for i, f in factors.items():
+        attn = program.matches.attention[i]
+        stores = unsupported_reason(attn) or _cache_stores(program, i, holders)
+        if isinstance(stores, str):
+            _skip(result, i, stores)
+            continue
+        bias = bias_node(program.gm.graph, attn.v.node)
+        sites = []
+        for gm, where, node in ((program.gm, holders, lambda n: n), (decode, decode_holders, copies.__getitem__)):
+            sites.append(LayerSite(gm, node(attn.k.input), node(attn.q.node), node(attn.k.node),
+                                   node(bias) if bias is not None else None, *(node(s) for s in stores),
+                                   where[f"k_cache_{i}"], where[f"v_cache_{i}"], where["cache_position"]))
+        reason = absorb_layer(program, i, f, rope_dims[i], *sites)
+        if reason is None:
+            result.ranks[i] = f.rank
+        else:
+            _skip(result, i, reason)
+    if result.ranks:
+        _finish(decode)
+        program.decode_gm = decode
+    _finish(program.gm)
+    return result
+
+
+def _holders(graph: Graph) -> dict[str, Node]:
+    return {str(n.target): n for n in graph.nodes if n.op == "placeholder"}
+
+
+def _skipped(program: CachedProgram, factors: dict[int, JointFactors]) -> MLAResult:
+    """A result listing the layers factorization left out, and why they keep a full cache."""
+    result = MLAResult()
+    for i, attn in enumerate(program.matches.attention):
+        reason = unsupported_reason(attn)
+        if i not in factors and reason is not None:
+            result.skipped[i] = reason
+    return result
+
+
+def _skip(result: MLAResult, i: int, reason: str) -> None:
+    result.skipped[i] = reason
+    log.warning("mla: layer %d left with a full KV cache: %s", i, reason)
+
+
+def _finish(gm: GraphModule) -> None:
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _cache_stores(program: CachedProgram, i: int, holders: dict[str, Node]) -> tuple[Node, Node] | str:
+    """The writes of this step's K and V into layer ``i``'s caches, checked to come from the matched projections."""
     attn = program.matches.attention[i]
-    reason = unsupported_reason(attn)
-    if reason is not None:
-        return reason
-    graph = program.gm.graph
     k_cache, v_cache = holders[f"k_cache_{i}"], holders[f"v_cache_{i}"]
-    stores = [n for n in graph.nodes if n.target is _INDEX_COPY and n.args[0] in (k_cache, v_cache)]
+    stores = [n for n in program.gm.graph.nodes if n.target is _INDEX_COPY and n.args[0] in (k_cache, v_cache)]
     if len(stores) != 2:
         return "the layer's cache writes were not found"
     k_store, v_store = sorted(stores, key=lambda n: n.args[0] is v_cache)
     if not (_reaches(k_store.args[3], attn.k.node) and _reaches(v_store.args[3], attn.v.node)):
         return "keys or values do not come from the matched projections"
+    return k_store, v_store
+
+
+def _rewrite_layer(program: CachedProgram, i: int, f: JointFactors, holders: dict[str, Node],
+                   stores: tuple[Node, Node], slot_positions: Node, seq: object) -> None:
+    attn = program.matches.attention[i]
+    graph = program.gm.graph
+    k_cache, v_cache = holders[f"k_cache_{i}"], holders[f"v_cache_{i}"]
+    k_store, v_store = stores
     gm = program.gm
     names = register_factors(gm, f"mla_{i}", f)
     with graph.inserting_before(k_cache):
@@ -181,7 +262,6 @@ def _rewrite_layer(program: CachedProgram, i: int, f: JointFactors, holders: dic
     graph.erase_node(v_cache)
     old = program.layers[i]
     program.layers[i] = LayerCache(old.layer, old.n_kv_heads, old.head_dim, old.v_head_dim, old.window, f.rank)
-    return None
 
 
 def register_factors(gm: torch.nn.Module, prefix: str, f: JointFactors) -> list[str]:

@@ -5,7 +5,8 @@ projections ``W_k x``, ``W_v x`` by ``U_k c`` and ``U_v c`` with ``c = D x``: th
 computes, so a model compiled with an MLA profile is the model whose cache holds ``c`` (the memory itself is saved
 where dscompile owns the cache: ``OptimizedModel.generate``). The factors come from the model's plan when
 ``optimize`` made one (calibrated on the user's text), or else from the graph's own example inputs, with a warning
-about how few tokens that was.
+about how few tokens that was. In ``absorb`` mode the query and key dimensions the plan does not keep rotary lose
+their rotation here too, and the rotary key rows join the latent (``with_rotary_rows``), as the runtime caches them.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from ..lowrank import JointFactors
 from ..patterns import AttentionMatch
 from .base import PassContext, PassResult
 from .cleanup import cleanup
-from .mla import bias_node, register_factors, unsupported_reason
+from .mla import bias_node, plain_rows, register_factors
 from .mla_plan import MLAPlan, plan_graph
+from .mla_rope import keep_rotary
 
 
 def mla_pass(gm: GraphModule, ctx: PassContext) -> PassResult:
@@ -34,18 +36,22 @@ def mla_pass(gm: GraphModule, ctx: PassContext) -> PassResult:
         plan = own if plan is None else plan.merged(own)
         ctx.options["mla_plan"] = plan  # the backend keeps it in the session: the runtime uses the same factors
     factors = plan.for_attentions(attentions)
+    rope = plan.rope_for_attentions(attentions)
     result = PassResult("mla", gm)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for i, attn in enumerate(attentions):
-        reason = unsupported_reason(attn)
+        reason = plan.reason(attn)
         if reason is None and i not in factors:
             reason = "no factors for this layer in the plan"
+        if reason is None and rope and attn.rope is not None:
+            reason = _partial_rope(gm, attn, rope[i], f"mla_{i}")
         if reason is not None:
             result.skipped.append(f"{attn.layer}: {reason}")
             continue
-        _through_latent(gm, attn, factors[i], f"mla_{i}", order)
+        f = with_rotary_rows(attn, factors[i], rope[i]) if rope and rope[i] else factors[i]
+        _through_latent(gm, attn, f, f"mla_{i}", order)
         result.rewrites += 1
-        result.notes.append(f"{attn.layer}: K/V through a latent of {factors[i].rank} "
+        result.notes.append(f"{attn.layer}: K/V through a latent of {f.rank} "
                             f"(was {attn.kv_width} values per token)")
     if result.rewrites:
         cleanup(gm, ctx)
@@ -67,6 +73,39 @@ def _through_latent(gm: GraphModule, attn: AttentionMatch, f: JointFactors, pref
     attn.v.node.replace_all_uses_with(v)
     graph.erase_node(attn.k.node)
     graph.erase_node(attn.v.node)
+
+
+def with_rotary_rows(attn: AttentionMatch, f: JointFactors, rope_dims: tuple[int, ...]) -> JointFactors:
+    """Absorb mode's cache as one latent: ``[D; W_k[rotary rows]]`` down, and up-projections that take each rotary
+    key row from its own latent entry (what the runtime caches beside ``c``). Copies, rebuilt on every compile, so
+    the forward follows healed factors after ``refresh``."""
+    k = attn.k.weight.tensor
+    assert k is not None
+    rows = plain_rows(attn, rope_dims)
+    rotary = [r for r in range(k.shape[0]) if r not in set(rows)]
+    down = torch.cat([f.down.detach(), k.detach()[rotary]])
+    up_k = torch.zeros(k.shape[0], down.shape[0], dtype=down.dtype, device=down.device)
+    up_k[rows, :f.rank] = f.ups[0].detach()
+    up_k[rotary, f.rank + torch.arange(len(rotary))] = 1.0
+    up_v = torch.cat([f.ups[1].detach(), f.ups[1].new_zeros(f.ups[1].shape[0], len(rotary))], 1)
+    return JointFactors(down, [up_k, up_v], f.spectrum)
+
+
+def _partial_rope(gm: GraphModule, attn: AttentionMatch, rope_dims: tuple[int, ...], prefix: str) -> str | None:
+    """Leave the query and key dimensions outside ``rope_dims`` unrotated (the model the absorb runtime runs)."""
+    assert attn.rope is not None
+    for projection in (attn.q.node, attn.k.node):
+        name = f"{prefix}_rope_keep_{projection.name}"
+        if not keep_rotary(gm.graph, attn.anchor, projection, rope_dims, attn.rope.rotary_dim,
+                           lambda mask, name=name: _constant(gm.graph, gm, name, mask)):
+            return "the RoPE sum on its query or key path was not found"
+    return None
+
+
+def _constant(graph: torch.fx.Graph, gm: GraphModule, name: str, value: torch.Tensor) -> Node:
+    """A fixed tensor the rewrite needs, registered as a frozen parameter (lowering lifts those into inputs)."""
+    gm.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+    return _attr(graph, gm, name)
 
 
 def _attr(graph: torch.fx.Graph, gm: GraphModule, name: str) -> Node:

@@ -22,6 +22,7 @@ from ..lowrank import JointFactors
 from ..patterns import AttentionMatch
 from ..profile import MLAConfig
 from . import mla
+from .mla_rope import choose_rope_dims, default_rope_dims, rope_reason
 
 log = logging.getLogger("dscompile")
 
@@ -51,6 +52,26 @@ class MLAPlan:
     layers: dict[Key, str] = field(default_factory=dict)  # key -> layer name, for reports
     calibration_tokens: int = 0
     skipped: dict[str, str] = field(default_factory=dict)
+    rope_dims: dict[Key, tuple[int, ...]] = field(default_factory=dict)  # absorb mode: rotary dims kept per layer
+
+    @property
+    def absorb(self) -> bool:
+        return self.config.rope_mode == "absorb"
+
+    def reason(self, attn: AttentionMatch) -> str | None:
+        """Why ``attn`` cannot take a latent under this plan's mode, or None."""
+        return mla.unsupported_reason(attn) or (rope_reason(attn, self.config.rope_dims) if self.absorb else None)
+
+    def rope_for_attentions(self, attentions: Sequence[AttentionMatch]) -> dict[int, tuple[int, ...]] | None:
+        """Absorb mode: the rotary dims kept by each of ``attentions`` the plan covers (None in reconstruct mode)."""
+        if not self.absorb:
+            return None
+        return {i: self.rope_dims[layer_key(a)] for i, a in enumerate(attentions) if layer_key(a) in self.rope_dims}
+
+    def apply(self, program: mla.CachedProgram) -> mla.MLAResult:
+        """Give ``program`` the latent cache of this plan's layers."""
+        attentions = program.matches.attention
+        return mla.apply_latent_cache(program, self.for_attentions(attentions), self.rope_for_attentions(attentions))
 
     def for_attentions(self, attentions: Sequence[AttentionMatch]) -> dict[int, JointFactors]:
         """The factors of ``attentions`` (by index) that this plan covers."""
@@ -63,7 +84,7 @@ class MLAPlan:
 
     def covers(self, attentions: Sequence[AttentionMatch]) -> bool:
         """True when every layer of ``attentions`` that can take a latent has factors here."""
-        ready = [a for a in attentions if mla.unsupported_reason(a) is None]
+        ready = [a for a in attentions if self.reason(a) is None]
         return bool(ready) and all(layer_key(a) in self.factors for a in ready)
 
     def merged(self, other: MLAPlan) -> MLAPlan:
@@ -72,6 +93,7 @@ class MLAPlan:
             self.factors.setdefault(key, f)
             self.layers.setdefault(key, other.layers[key])
         self.skipped.update(other.skipped)
+        self.rope_dims.update({k: v for k, v in other.rope_dims.items() if k not in self.rope_dims})
         self.calibration_tokens = max(self.calibration_tokens, other.calibration_tokens)
         return self
 
@@ -82,11 +104,16 @@ class MLAPlan:
 def make_plan(config: MLAConfig, attentions: Sequence[AttentionMatch], grams: dict[int, Gram] | None,
               tokens: int) -> MLAPlan:
     """Factor ``attentions`` under ``config``'s KV budget; warn when ``tokens`` of calibration is too little."""
-    _warn_if_thin(attentions, tokens)
-    factors = mla.factorize_attention(attentions, grams, config.kv_ratio, v_weight=config.v_weight)
     plan = MLAPlan(config, calibration_tokens=tokens)
+    _warn_if_thin(attentions, tokens)
+    rope: dict[int, tuple[int, ...]] | None = None
+    if plan.absorb:
+        rope = {i: choose_rope_dims(a, _covariance(grams, i), default_rope_dims(a, config.kv_ratio)
+                                    if config.rope_dims is None else config.rope_dims)
+                for i, a in enumerate(attentions) if plan.reason(a) is None}
+    factors = mla.factorize_attention(attentions, grams, config.kv_ratio, v_weight=config.v_weight, rope_dims=rope)
     for i, attn in enumerate(attentions):
-        reason = mla.unsupported_reason(attn)
+        reason = plan.reason(attn)
         if reason is not None:
             plan.skipped[attn.layer] = reason
             continue
@@ -94,10 +121,16 @@ def make_plan(config: MLAConfig, attentions: Sequence[AttentionMatch], grams: di
         f = factors[i]
         plan.factors[key] = JointFactors(_parameter(f.down), [_parameter(u) for u in f.ups], f.spectrum)
         plan.layers[key] = attn.layer
-    log.info("mla plan: %d layers, ranks %s, %d calibration tokens%s", len(plan.factors),
+        if rope is not None:
+            plan.rope_dims[key] = rope[i]
+    log.info("mla plan (%s): %d layers, ranks %s, %d calibration tokens%s", config.rope_mode, len(plan.factors),
              sorted(set(plan.ranks().values())), tokens,
              "".join(f"; {name} skipped: {why}" for name, why in plan.skipped.items()))
     return plan
+
+
+def _covariance(grams: dict[int, Gram] | None, i: int) -> torch.Tensor | None:
+    return grams[i].covariance() if grams is not None and i in grams else None
 
 
 def plan_program(program: mla.CachedProgram, config: MLAConfig, batches: Sequence[torch.Tensor]) -> MLAPlan:

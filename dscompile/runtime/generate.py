@@ -79,10 +79,8 @@ class Runtime:
     def decode_step(self) -> Callable[..., Any]:
         """The decode program: Inductor with static shapes (CUDA graphs on a GPU), or the graph itself."""
         if self._decode is None:
-            if self.lower == "eager":
-                self._decode = self.program.gm
-            else:
-                self._decode = _compile_decode(self.program.gm, self.device)
+            gm = self.program.decode_gm if self.program.decode_gm is not None else self.program.gm
+            self._decode = gm if self.lower == "eager" else _compile_decode(gm, self.device)
         return self._decode
 
     def reset_compiled(self) -> None:
