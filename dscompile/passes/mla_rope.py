@@ -2,11 +2,13 @@
 
 A latent can be absorbed into the query (``q . U_k c = (U_k^T q) . c``) only where keys are not rotated by their
 position. DeepSeek-V2 therefore splits each key into a RoPE-free part (from the latent, absorbed at decode) and a
-small rotary part cached as it is. For a model trained with RoPE on every dimension (MHA2MLA's partial RoPE), the
-pairs a layer keeps rotary are those that carry the most of its attention scores: by the product of the query's
-and the key's mean squared norm in each frequency pair, summed over heads (MHA2MLA's 2-norm score), measured on
-calibration activations. The other pairs are left unrotated in queries and keys alike, which changes the model
-(healing recovers the loss); models without RoPE keep every dimension RoPE-free and absorb exactly.
+small rotary part cached as it is. For a model trained with RoPE on every dimension (MHA2MLA's partial RoPE), a
+layer keeps rotary the frequency pairs whose scores would move most without their rotation: the product of the
+query's and the key's root-mean-square norm in the pair (MHA2MLA's 2-norm score, from calibration statistics),
+times how far that pair turns over the distances of a calibration window. Norms alone favour low-frequency pairs,
+which barely turn within a context and lose little when unrotated (on SmolLM2, keeping half the dims: +95%
+perplexity by norms alone, +2.6% with the turn factor). The other pairs are left unrotated in queries and keys
+alike, which changes the model; models without RoPE keep every dimension RoPE-free and absorb exactly.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from ..patterns import AttentionMatch, ops
 
 ROTATING_STYLES = ("rotate_half", "interleaved")
 DISTANCE = 512
-"""Query-key distances over which the cost of unrotating a pair is averaged."""
+"""Query-key distances over which the cost of unrotating a pair is averaged (a calibration window)."""
 """RoPE spellings the pass can leave partly unrotated (Meta's complex form has no per-dimension add to edit)."""
 
 
@@ -39,8 +41,8 @@ def default_rope_dims(attn: AttentionMatch, kv_ratio: float) -> int:
 
 
 def rope_reason(attn: AttentionMatch, rope_dims: int | None) -> str | None:
-    """Why ``attn`` cannot keep ``rope_dims`` rotary dimensions per head in absorb mode (None: the default), or
-    None."""
+    """Why ``attn`` cannot keep ``rope_dims`` rotary dims per head in absorb mode, or None if it can (``rope_dims``
+    None stands for the default)."""
     if attn.qk_norm:
         return "queries and keys are normalised per head (keys are not linear in a latent)"
     if attn.rope is None:
@@ -54,7 +56,7 @@ def rope_reason(attn: AttentionMatch, rope_dims: int | None) -> str | None:
 
 def choose_rope_dims(attn: AttentionMatch, covariance: torch.Tensor | None, rope_dims: int) -> tuple[int, ...]:
     """The ``rope_dims`` dimensions of each head (sorted) that stay rotary: the frequency pairs with the largest
-    query-norm times key-norm over calibration inputs (``covariance`` of the projection input; the weights alone
+    query norm x key norm x mean turn (``covariance`` of the projection input gives the norms; the weights alone
     without it). Empty for a layer without RoPE."""
     if attn.rope is None or rope_dims == 0:
         return ()
