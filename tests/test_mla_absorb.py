@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import ids, tiny_llama
+from tiny import greedy_by_forward, ids, tiny_llama
 from torch import nn
 from zoo import ZOO, built
 
@@ -25,14 +25,6 @@ NOT_ABSORBED = {"gpt2": "fused", "gpt_neox": "fused", "phi3": "fused", "nanogpt"
 
 def _absorb(kv_ratio=0.999, **extra):
     return {"mla": {"kv_ratio": kv_ratio, "rope_mode": "absorb", **extra}}
-
-
-def _greedy_by_forward(model, x, new):
-    seq = x
-    for _ in range(new):
-        with torch.no_grad():
-            seq = torch.cat([seq, logits_of(model(seq))[:, -1].argmax(-1, keepdim=True)], 1)
-    return seq
 
 
 class LearnedPositionAttention(nn.Module):
@@ -93,7 +85,7 @@ def test_runtime_attends_in_the_latent_space_and_agrees_with_the_forward(name):
     decode = [n.target for n in program.decode_gm.graph.nodes if n.op == "call_function"]
     assert torch.ops.aten.scaled_dot_product_attention.default not in decode
     out = optimized.generate(x, max_new_tokens=4, eos_token_id=[])
-    assert torch.equal(out, _greedy_by_forward(optimized, x, 4))
+    assert torch.equal(out, greedy_by_forward(optimized, x, 4))
 
 
 def test_a_hand_written_model_without_rope_absorbs_exactly_and_generates_its_own_greedy_tokens():
@@ -106,7 +98,7 @@ def test_a_hand_written_model_without_rope_absorbs_exactly_and_generates_its_own
     with torch.no_grad():
         torch.testing.assert_close(prefill_logits(program, x), model(x)[:, -1:], atol=1e-4, rtol=0)
     out = optimized.generate(x, max_new_tokens=8, eos_token_id=[])
-    assert torch.equal(out, _greedy_by_forward(model, x, 8))
+    assert torch.equal(out, greedy_by_forward(model, x, 8))
 
 
 def test_keeping_every_rotary_dim_is_exact_on_a_rope_model():
@@ -130,7 +122,7 @@ def test_decoupled_rope_generation_is_greedy_decoding_of_the_rewritten_forward_w
         "kv_bytes_per_token_before"]
     x = ids(2, 12)
     out = optimized.generate(x, max_new_tokens=6, eos_token_id=[])
-    assert torch.equal(out, _greedy_by_forward(optimized, x, 6))
+    assert torch.equal(out, greedy_by_forward(optimized, x, 6))
     mask = torch.ones_like(x)
     mask[0, :4] = 0  # left padding: the padded row must decode as its unpadded self
     padded = optimized.generate(x, attention_mask=mask, max_new_tokens=4, eos_token_id=[])

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from tiny import ids, tiny_llama
+from tiny import greedy_by_forward, ids, tiny_llama
 from zoo import ZOO, built, example_ids
 
 import dscompile
@@ -25,15 +25,6 @@ def _compile(model, profile, lower="eager"):
     compiled = torch.compile(model, backend="deepseek_opt",
                              options={"profile": profile, "lower": lower, "session": session})
     return compiled, session
-
-
-def _greedy_by_forward(model, x, new):
-    """Greedy decoding by recomputing the whole (rewritten) forward for every token: no cache at all."""
-    seq = x
-    for _ in range(new):
-        with torch.no_grad():
-            seq = torch.cat([seq, logits_of(model(seq))[:, -1].argmax(-1, keepdim=True)], 1)
-    return seq
 
 
 @pytest.mark.parametrize("name", list(ZOO))
@@ -84,7 +75,7 @@ def test_optimize_calibrates_once_and_the_runtime_caches_the_same_latent():
     torch.testing.assert_close(prefill_logits(runtime.program, x), forward[:, -1:], atol=1e-5, rtol=0)
     # ...and generation from the latent cache is greedy decoding of the rewritten forward
     out = optimized.generate(x, max_new_tokens=6, eos_token_id=[])
-    assert torch.equal(out, _greedy_by_forward(optimized, x, 6))
+    assert torch.equal(out, greedy_by_forward(optimized, x, 6))
 
 
 def test_heal_trains_the_shared_factors_and_both_paths_see_them():
@@ -125,4 +116,4 @@ def test_generation_matches_the_forward_on_a_zoo_model_with_sliding_windows():
     x = example_ids(expect.vocab, batch=2, seq=12)
     optimized = dscompile.optimize(model, "mla", example_inputs=x, lower="eager")
     out = optimized.generate(x, max_new_tokens=4, eos_token_id=[])
-    assert torch.equal(out, _greedy_by_forward(optimized, x, 4))
+    assert torch.equal(out, greedy_by_forward(optimized, x, 4))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from dscompile.evaluate import logits_of
+
 VOCAB = 128
 
 
@@ -18,3 +20,12 @@ def tiny_llama(seed: int = 0, layers: int = 2, tied: bool = True) -> LlamaForCau
 
 def ids(batch: int = 1, seq: int = 8, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy_by_forward(model: torch.nn.Module, x: torch.Tensor, new: int) -> torch.Tensor:
+    """Greedy decoding by recomputing the whole forward for every token: no cache at all."""
+    seq = x
+    for _ in range(new):
+        with torch.no_grad():
+            seq = torch.cat([seq, logits_of(model(seq))[:, -1].argmax(-1, keepdim=True)], 1)
+    return seq

@@ -24,6 +24,7 @@ from ..lowrank import JointFactors, allocate_ranks, joint_factorize
 from ..patterns import AttentionMatch, ops
 from .kv_cache import CachedProgram, LayerCache, same_size, seq_symbol
 from .mla_absorb import LayerSite, absorb_layer
+from .mla_rope import reaches
 
 log = logging.getLogger("dscompile")
 
@@ -224,7 +225,7 @@ def _cache_stores(program: CachedProgram, i: int, holders: dict[str, Node]) -> t
     if len(stores) != 2:
         return "the layer's cache writes were not found"
     k_store, v_store = sorted(stores, key=lambda n: n.args[0] is v_cache)
-    if not (_reaches(k_store.args[3], attn.k.node) and _reaches(v_store.args[3], attn.v.node)):
+    if not (reaches(k_store.args[3], attn.k.node, None) and reaches(v_store.args[3], attn.v.node, None)):
         return "keys or values do not come from the matched projections"
     return k_store, v_store
 
@@ -282,23 +283,9 @@ def bias_node(graph: Graph, linear: Node) -> Node | None:
     return bias if isinstance(bias, Node) else None
 
 
-def _reaches(target: object, source: Node) -> bool:
-    """Whether ``target`` is computed from ``source`` (checked before the graph is touched)."""
-    seen: set[Node] = set()
-    stack = [target] if isinstance(target, Node) else []
-    while stack:
-        node = stack.pop()
-        if node is source:
-            return True
-        if node not in seen:
-            seen.add(node)
-            stack.extend(node.all_input_nodes)
-    return False
-
-
 def _replay(graph: Graph, target: Node, subs: dict[Node, Node], before: Node) -> Node:
     """Copies, inserted before ``before``, of the nodes between ``subs``' keys and ``target``, with the keys
-    replaced; returns the copy of ``target`` (which :func:`_reaches` has checked depends on a key)."""
+    replaced; returns the copy of ``target`` (which :func:`.mla_rope.reaches` has checked depends on a key)."""
     order = {n: idx for idx, n in enumerate(graph.nodes)}
     needed: set[Node] = set()
     stack = [target]

@@ -129,17 +129,17 @@ def _unrotated(node: Node, projection: Node) -> Node | None:
     if ops.op_class(node) != ops.ADD or not all(ops.is_op(a, ops.MUL) for a in node.args[:2]):
         return None
     operands = [a for mul in node.args[:2] for a in mul.args[:2] if isinstance(a, Node)]  # type: ignore[union-attr]
-    on_path = [a for a in operands if _reaches(a, projection)]
+    on_path = [a for a in operands if reaches(a, projection)]
     for candidate in on_path:
-        if all(other is candidate or _reaches(other, candidate) for other in on_path):
+        if all(other is candidate or reaches(other, candidate) for other in on_path):
             return candidate
     return None
 
 
-def _reaches(target: Node, source: Node, limit: int = 64) -> bool:
-    """Whether ``target`` is computed from ``source`` within ``limit`` nodes back."""
-    frontier, seen = [target], set()
-    while frontier and len(seen) < limit:
+def reaches(target: object, source: Node, limit: int | None = 64) -> bool:
+    """Whether ``target`` is computed from ``source``, looking at most ``limit`` nodes back (None: no limit)."""
+    frontier, seen = ([target] if isinstance(target, Node) else []), set()
+    while frontier and (limit is None or len(seen) < limit):
         node = frontier.pop()
         if node is source:
             return True
