@@ -1,6 +1,6 @@
 """MLA on the embedded model: perplexity and KV bytes per token by kv_ratio and mode, training-free and healed.
 
-Usage: .venv/bin/python bench/mla.py [--ratios 0.75,0.5,0.25] [--mode reconstruct|absorb] [--rope-dims 8]
+Usage: .venv/bin/python bench/mla.py [--ratios 0.75,0.5,0.25] [--mode reconstruct|absorb] [--rope-dims N]
                                       [--v-weight 1.0] [--windows 8] [--heal-minutes 0] [--out bench/results/mla.json]
        .venv/bin/python bench/mla.py --long 8192 --long-batch 8 [--ratios 0.5] [--mode absorb] [--skip-quality]
 

@@ -96,8 +96,7 @@ def factorize_attention(attentions: Sequence[AttentionMatch], grams: dict[int, G
             k = k[plain_rows(attn, rope_dims[i])]
             reserved += attn.n_kv_heads * len(rope_dims[i])
         width = min(k.shape[0] + v.shape[0], k.shape[1])
-        cov = grams[i].covariance() if grams is not None and i in grams else None
-        full[i] = joint_factorize([k, v], width, cov, scales=(1.0, v_weight))
+        full[i] = joint_factorize([k, v], width, layer_covariance(grams, i), scales=(1.0, v_weight))
     if not full:
         return {}
     if ranks is None:
@@ -118,6 +117,11 @@ def factorize_attention(attentions: Sequence[AttentionMatch], grams: dict[int, G
             raise ConfigError(f"rank {r} for layer {i} is outside [1, {f.rank}] (its K/V width)")
         out[i] = JointFactors(f.down[:r].contiguous(), [u[:, :r].contiguous() for u in f.ups], f.spectrum)
     return out
+
+
+def layer_covariance(grams: dict[int, Gram] | None, i: int) -> torch.Tensor | None:
+    """Layer ``i``'s calibration covariance of its K/V projection input, if calibration saw it."""
+    return grams[i].covariance() if grams is not None and i in grams else None
 
 
 def plain_rows(attn: AttentionMatch, rope_dims: tuple[int, ...]) -> list[int]:

@@ -22,7 +22,7 @@ from .base import PassContext, PassResult
 from .cleanup import cleanup
 from .mla import bias_node, plain_rows, register_factors
 from .mla_plan import MLAPlan, plan_graph
-from .mla_rope import keep_rotary
+from .mla_rope import keep_rotary, rope_sum
 
 
 def mla_pass(gm: GraphModule, ctx: PassContext) -> PassResult:
@@ -82,7 +82,8 @@ def with_rotary_rows(attn: AttentionMatch, f: JointFactors, rope_dims: tuple[int
     k = attn.k.weight.tensor
     assert k is not None
     rows = plain_rows(attn, rope_dims)
-    rotary = [r for r in range(k.shape[0]) if r not in set(rows)]
+    plain = set(rows)
+    rotary = [r for r in range(k.shape[0]) if r not in plain]
     down = torch.cat([f.down.detach(), k.detach()[rotary]])
     up_k = torch.zeros(k.shape[0], down.shape[0], dtype=down.dtype, device=down.device)
     up_k[rows, :f.rank] = f.ups[0].detach()
@@ -94,11 +95,13 @@ def with_rotary_rows(attn: AttentionMatch, f: JointFactors, rope_dims: tuple[int
 def _partial_rope(gm: GraphModule, attn: AttentionMatch, rope_dims: tuple[int, ...], prefix: str) -> str | None:
     """Leave the query and key dimensions outside ``rope_dims`` unrotated (the model the absorb runtime runs)."""
     assert attn.rope is not None
-    for projection in (attn.q.node, attn.k.node):
+    projections = (attn.q.node, attn.k.node)
+    if any(rope_sum(attn.anchor, p) is None for p in projections):  # check both before editing either
+        return "the RoPE sum on its query or key path was not found"
+    for projection in projections:
         name = f"{prefix}_rope_keep_{projection.name}"
-        if not keep_rotary(gm.graph, attn.anchor, projection, rope_dims, attn.rope.rotary_dim,
-                           lambda mask, name=name: _constant(gm.graph, gm, name, mask)):
-            return "the RoPE sum on its query or key path was not found"
+        keep_rotary(gm.graph, attn.anchor, projection, rope_dims, attn.rope.rotary_dim,
+                    lambda mask, name=name: _constant(gm.graph, gm, name, mask))
     return None
 
 

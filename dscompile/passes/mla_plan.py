@@ -108,7 +108,7 @@ def make_plan(config: MLAConfig, attentions: Sequence[AttentionMatch], grams: di
     _warn_if_thin(attentions, tokens)
     rope: dict[int, tuple[int, ...]] | None = None
     if plan.absorb:
-        rope = {i: choose_rope_dims(a, _covariance(grams, i), default_rope_dims(a, config.kv_ratio)
+        rope = {i: choose_rope_dims(a, mla.layer_covariance(grams, i), default_rope_dims(a, config.kv_ratio)
                                     if config.rope_dims is None else config.rope_dims)
                 for i, a in enumerate(attentions) if plan.reason(a) is None}
     factors = mla.factorize_attention(attentions, grams, config.kv_ratio, v_weight=config.v_weight, rope_dims=rope)
@@ -127,10 +127,6 @@ def make_plan(config: MLAConfig, attentions: Sequence[AttentionMatch], grams: di
              sorted(set(plan.ranks().values())), tokens,
              "".join(f"; {name} skipped: {why}" for name, why in plan.skipped.items()))
     return plan
-
-
-def _covariance(grams: dict[int, Gram] | None, i: int) -> torch.Tensor | None:
-    return grams[i].covariance() if grams is not None and i in grams else None
 
 
 def plan_program(program: mla.CachedProgram, config: MLAConfig, batches: Sequence[torch.Tensor]) -> MLAPlan:

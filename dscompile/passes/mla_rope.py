@@ -19,9 +19,9 @@ from torch.fx import Graph, Node
 from ..patterns import AttentionMatch, ops
 
 ROTATING_STYLES = ("rotate_half", "interleaved")
+"""RoPE spellings the pass can leave partly unrotated (Meta's complex form has no per-dimension add to edit)."""
 DISTANCE = 512
 """Query-key distances over which the cost of unrotating a pair is averaged (a calibration window)."""
-"""RoPE spellings the pass can leave partly unrotated (Meta's complex form has no per-dimension add to edit)."""
 
 
 def pair_dims(style: str, rotary_dim: int, pair: int) -> tuple[int, int]:
