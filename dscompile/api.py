@@ -17,6 +17,7 @@ from .monitor import Monitor
 from .passes.kv_cache import CachedProgram, build_cached_program
 from .passes.manager import check_supported
 from .passes.mla_plan import plan_program
+from .passes.moe_plan import plan_program as plan_moe
 from .patterns import MatchSet, match_all
 from .profile import Profile, resolve_profile
 from .report import Report
@@ -71,9 +72,9 @@ class OptimizedModel(torch.nn.Module):
         if self._runtime is None:
             program = self._program if self._program is not None else build_cached_program(self.original)
             self._program = None
-            plan = self.session.mla_plan
-            if self.profile.mla is not None and plan is not None:
-                plan.apply(program)
+            for rewrite, plan in (("mla", self.session.mla_plan), ("moe", self.session.moe_plan)):
+                if getattr(self.profile, rewrite) is not None and plan is not None:
+                    plan.apply(program)
             config = getattr(self.original, "generation_config", None)
             self._runtime = Runtime(
                 program, lower="eager" if self.lower == "eager" else "inductor", max_positions=program.max_positions,
@@ -102,11 +103,14 @@ class OptimizedModel(torch.nn.Module):
     def matches(self) -> MatchSet:
         return self.session.matches()
 
-    def plan_mla(self, batches: list[torch.Tensor]) -> None:
-        """Calibrate the MLA factors on ``batches`` of token ids (before the first compile; ``optimize`` does it)."""
-        assert self.profile.mla is not None
+    def plan(self, batches: list[torch.Tensor]) -> None:
+        """Calibrate the profile's lossy rewrites (MLA factors, MoE experts) on ``batches`` of token ids, before the
+        first compile (``optimize`` does it)."""
         self._program = build_cached_program(self.original)
-        self.session.mla_plan = plan_program(self._program, self.profile.mla, batches)
+        if self.profile.mla is not None:
+            self.session.mla_plan = plan_program(self._program, self.profile.mla, batches)
+        if self.profile.moe is not None:
+            self.session.moe_plan = plan_moe(self._program, self.profile.moe, batches)
 
 
 def optimize(
@@ -138,8 +142,8 @@ def optimize(
         example_inputs = batches[0][:1, :128]
     args, kwargs = split_inputs(example_inputs)
     optimized = OptimizedModel(model, resolved, lower=lower, fallback=fallback, dynamic=dynamic)
-    if resolved.mla is not None and batches is not None:
-        optimized.plan_mla(batches)
+    if (resolved.mla is not None or resolved.moe is not None) and batches is not None:
+        optimized.plan(batches)
     with torch.no_grad():
         optimized(*args, **kwargs)
     if optimized.session.empty:

@@ -72,9 +72,9 @@ def deepseek_opt(
                  len(gm.graph.nodes), _miss_summary(matches))
     else:
         log.info("deepseek_opt: matched %s", matches.counts())
-    ctx = PassContext(captured, matches, profile, options={"mla_plan": session.mla_plan})
+    ctx = PassContext(captured, matches, profile, options={"mla_plan": session.mla_plan, "moe_plan": session.moe_plan})
     results = run_passes(gm, ctx)
-    session.mla_plan = ctx.options["mla_plan"]
+    session.mla_plan, session.moe_plan = ctx.options["mla_plan"], ctx.options["moe_plan"]
     if profile.rewrites:
         captured = from_dynamo(gm, example_inputs)  # the weights the passes added are known from here on
     matches_after = match_all(captured) if profile.rewrites else matches

@@ -1,5 +1,5 @@
 """Healing: distil the original model's next-token distributions into a rewritten program, training only the
-parameters the passes created (MLA factors; later MoE routers), so a lossy rewrite recovers quality in minutes.
+parameters the passes created (MLA factors, MoE experts and routers), so a lossy rewrite recovers quality in minutes.
 
 The loss is ``KL(original || rewritten)`` over every position of calibration windows, the teacher's logits computed
 once up front. The program is run as a prefill with fresh caches (its in-place cache writes are part of the
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dscompile")
 
-CREATED_PREFIXES = ("mla_",)
+CREATED_PREFIXES = ("mla_", "moe_")
 HEAL_WINDOW = 256
 MIN_HEAL_TOKENS = 4096
 
@@ -49,19 +49,22 @@ def heal(optimized: OptimizedModel, data: Any, tokenizer: Any = None, max_minute
     256 tokens, two per step. Training stops after ``max_minutes`` (or ``max_steps``). The healed factors are
     shared by the compiled forward and the generation runtime, which are recompiled on next use.
     """
-    plan = optimized.session.mla_plan
-    if plan is None or not plan.factors:
+    plans = [p for p in (optimized.session.mla_plan, optimized.session.moe_plan) if p is not None and p.layers]
+    if not plans:
         raise ConfigError("nothing to heal: this model has no rewritten layers (optimize it with a lossy profile "
-                          "such as 'mla' first)")
+                          "such as 'mla' or 'moe' first)")
     batches = token_batches(data, tokenizer)
     if token_count(batches) < MIN_HEAL_TOKENS:
         log.warning("healing on %d tokens: with fewer than %d the factors fit this text rather than the model; "
                     "pass more text", token_count(batches), MIN_HEAL_TOKENS)
     windows = calibration_windows(batches, HEAL_WINDOW, rows=2)
     program = build_cached_program(optimized.original, logits="all")
-    plan.apply(program)
+    for plan in plans:
+        plan.apply(program)
     report = heal_program(program, optimized.original, windows, max_minutes=max_minutes, max_steps=max_steps, lr=lr,
                           progress=progress)
+    for plan in plans:
+        plan.sync()  # MoE: decode's gathered expert rows take the trained weights
     optimized.refresh()
     return report
 

@@ -18,11 +18,17 @@ def _distinct_params(graphs: list[Any], attr: str) -> int:
     return count_params(ref for g in graphs for ref in getattr(g, attr).weights.values())
 
 
-def _plan_extra(plan: Any) -> dict[str, Any]:
-    if plan is None:
-        return {}
-    return {"mla_ranks": plan.ranks(), "mla_calibration_tokens": plan.calibration_tokens,
-            "mla_skipped": dict(plan.skipped)}
+def _plan_extra(session: CompileSession) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    plan = session.mla_plan
+    if plan is not None:
+        out.update(mla_ranks=plan.ranks(), mla_calibration_tokens=plan.calibration_tokens,
+                   mla_skipped=dict(plan.skipped))
+    plan = session.moe_plan
+    if plan is not None:
+        out.update(moe_expert_load=plan.loads(), moe_maxvio=plan.maxvio(),
+                   moe_calibration_tokens=plan.calibration_tokens, moe_skipped=dict(plan.skipped))
+    return out
 
 
 @dataclass
@@ -49,11 +55,13 @@ class Report:
         after = _distinct_params(graphs, "after")
         first = graphs[0]
         active = active_params_per_token(first.after, first.matches_after) + (after - first.after.param_count())
+        if session.moe_plan is not None:
+            active -= session.moe_plan.inactive_params()
         return cls(
             profile=profile, matches=session.matches(), diff=session.diff(),
             passes=[p for g in graphs for p in g.passes], params_before=before, params_after=after,
             active_params_per_token=active, graphs=len(graphs),
-            compile_seconds=sum(g.seconds for g in graphs), extra=_plan_extra(session.mla_plan),
+            compile_seconds=sum(g.seconds for g in graphs), extra=_plan_extra(session),
         )
 
     def to_dict(self) -> dict[str, Any]:

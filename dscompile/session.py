@@ -34,6 +34,7 @@ class CompileSession:
 
     graphs: list[CompiledGraph] = field(default_factory=list)
     mla_plan: Any = None  # the MLAPlan the MLA pass used (made by optimize from calibration, or by the pass)
+    moe_plan: Any = None  # the MoEPlan the MoE pass used (likewise)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record(self, compiled: CompiledGraph) -> None:

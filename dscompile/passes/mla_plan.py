@@ -97,6 +97,9 @@ class MLAPlan:
         self.calibration_tokens = max(self.calibration_tokens, other.calibration_tokens)
         return self
 
+    def sync(self) -> None:
+        """After healing: nothing to do (every program reads the same factors)."""
+
     def ranks(self) -> dict[str, int]:
         return {self.layers[k]: f.rank for k, f in self.factors.items()}
 

@@ -1,0 +1,174 @@
+"""MoE on the embedded model: perplexity and MaxVio by active fraction, training-free and healed; decode and prefill
+speed and peak memory against the dense FFN in the same runtime.
+
+Usage: .venv/bin/python bench/moe.py [--configs 64:8:40,64:8:24,64:4:12] [--windows 6] [--heal-minutes 0]
+                                      [--speed] [--skip-quality] [--out bench/results/moe.json]
+
+A config is ``n_experts:n_shared:top_k``. Calibration: the first part of Python's documentation topics
+(pydoc_data); evaluation on a later part of it and on Python source (``inspect`` and ``typing``), as in
+``bench/mla.py``. MaxVio is measured on the held-out documentation. ``--speed`` runs, each in its own process so
+that peak memory is its own, the dense model and every config through ``dscompile.optimize``: decode tokens/s at
+batch 1 and 8 (prompt 128, ``--new`` new tokens) and prefill tokens/s at 2048 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import inspect
+import json
+import platform
+import subprocess
+import sys
+import time
+import typing
+from pathlib import Path
+
+import torch
+
+from dscompile import models
+from dscompile.heal import heal_program
+from dscompile.passes.kv_cache import build_cached_program
+from dscompile.passes.moe_carve import expert_load
+from dscompile.passes.moe_plan import MoEPlan, make_plan, record_ffns
+from dscompile.profile import MoEConfig, Profile
+
+sys.path.insert(0, str(Path(__file__).parent))
+from mla import WINDOW, _windows, perplexity  # noqa: E402
+
+
+def _config(text: str) -> MoEConfig:
+    n, s, k = (int(v) for v in text.split(":"))
+    return MoEConfig(n, s, k)
+
+
+def heldout_maxvio(plan: MoEPlan, inputs: dict[str, torch.Tensor]) -> float:
+    """The worst layer's MaxVio when the plan's routers see ``inputs`` (FFN inputs by layer name)."""
+    worst = 0.0
+    for key, carved in plan.layers.items():
+        load = expert_load(inputs[plan.names[key]], carved.router.detach(), carved.router_bias.detach(), carved.top_k)
+        worst = max(worst, max(load) - 1.0)
+    return worst
+
+
+def quality(configs: list[MoEConfig], args: argparse.Namespace) -> dict:
+    model, tokenizer = models.load("smollm2")
+    docs = tokenizer(models.heldout_text())["input_ids"]
+    calibration = _windows(docs, args.calibration_windows)
+    held_docs = _windows(docs[args.calibration_windows * WINDOW + 10_000:], args.windows)
+    code = tokenizer(inspect.getsource(inspect) + inspect.getsource(typing))["input_ids"]
+    held_code = _windows(code, args.windows)
+    base = build_cached_program(model, logits="all")
+    baseline = {"docs": perplexity(base, held_docs), "code": perplexity(base, held_code)}
+    print(f"dense: docs {baseline['docs']:.3f}, code {baseline['code']:.3f}", flush=True)
+    start = time.perf_counter()
+    batches = [torch.cat(calibration[i:i + 4]) for i in range(0, len(calibration), 4)]
+    rows, tokens = record_ffns(base, batches)
+    record_s = time.perf_counter() - start
+    held_rows, _ = record_ffns(base, [torch.cat(held_docs)])
+    held_inputs = {f.layer: torch.cat(held_rows[f.up.input.name]) for f in base.matches.ffn}
+    out = []
+    for config in configs:
+        start = time.perf_counter()
+        plan = make_plan(config, base.matches.ffn, rows, tokens)
+        row = {"config": [config.n_experts, config.n_shared, config.top_k], "active": config.active_fraction,
+               "carve_s": time.perf_counter() - start + record_s,
+               "maxvio_calibration": max(plan.maxvio().values()), "maxvio_heldout": heldout_maxvio(plan, held_inputs)}
+        program = build_cached_program(model, logits="all")
+        plan.apply(program)
+        _quality_row(row, program, baseline, held_docs, held_code, "")
+        if args.heal_minutes:
+            heal_batches = [torch.cat(calibration[i:i + 2]) for i in range(0, len(calibration), 2)]
+            report = heal_program(program, model, heal_batches, max_minutes=args.heal_minutes, lr=args.heal_lr,
+                                  progress=True)
+            row["heal"] = {"minutes": args.heal_minutes, "steps": report.steps, "lr": args.heal_lr,
+                           "kl_first": report.losses[0], "kl_last": report.losses[-1]}
+            _quality_row(row, program, baseline, held_docs, held_code, "healed_")
+            row["maxvio_heldout_healed"] = heldout_maxvio(plan, held_inputs)
+        out.append(row)
+    return {"baseline": baseline, "calibration_tokens": tokens, "rows": out}
+
+
+def _quality_row(row: dict, program: object, baseline: dict, docs: list, code: list, prefix: str) -> None:
+    for domain, windows in (("docs", docs), ("code", code)):
+        ppl = perplexity(program, windows)
+        row[f"{prefix}ppl_{domain}"] = ppl
+        row[f"{prefix}ppl_{domain}_change_pct"] = 100 * (ppl / baseline[domain] - 1)
+    print(f"{row['config']} ({row['active']:.0%} active){' healed' if prefix else ''}: "
+          f"docs {row[prefix + 'ppl_docs_change_pct']:+.1f}%, code {row[prefix + 'ppl_code_change_pct']:+.1f}%, "
+          f"MaxVio held-out {row['maxvio_heldout']:.3f}", flush=True)
+
+
+def speed_worker(config: MoEConfig | None, new: int) -> dict:
+    """Decode at batch 1 and 8 and prefill at 2048 tokens, for the dense model (``config`` None) or one MoE."""
+    from dscompile import optimize
+
+    model, tokenizer = models.load("smollm2")
+    docs = tokenizer(models.heldout_text())["input_ids"]
+    calibration = torch.tensor([docs[:4096]])
+    profile = Profile(moe=config, name="moe") if config is not None else "none"
+    optimized = optimize(model, profile, calibration=calibration if config else None,
+                         example_inputs=None if config else calibration[:, :128])
+    runtime = optimized.runtime()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand calibration's freed heap back, so peak memory is generation's
+    row: dict = {"config": None if config is None else [config.n_experts, config.n_shared, config.top_k]}
+    for batch in (1, 8):
+        prompts = torch.tensor([docs[20_000 + i * 128:20_000 + (i + 1) * 128] for i in range(batch)])
+        row[f"decode_compile_s_b{batch}"] = runtime.warm_up(batch, 128 + new)
+        runtime.generate(prompts, max_new_tokens=new, eos_token_id=[])
+        row[f"decode_tokens_per_s_b{batch}"] = runtime.monitor.last.decode_tokens_per_s
+    prompt = torch.tensor([docs[30_000:32_048]])
+    runtime.generate(prompt, max_new_tokens=1, eos_token_id=[])
+    row["prefill_tokens_per_s"] = 2048 / runtime.monitor.last.time_to_first_token_s
+    row["peak_memory_bytes"] = runtime.monitor.last.peak_memory_bytes
+    return row
+
+
+def speed(configs: list[MoEConfig | None], new: int) -> list[dict]:
+    rows = []
+    for config in configs:
+        spec = "dense" if config is None else f"{config.n_experts}:{config.n_shared}:{config.top_k}"
+        done = subprocess.run([sys.executable, __file__, "--speed-worker", spec, "--new", str(new)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"speed worker {spec} failed:\n{done.stderr[-4000:]}")
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        base = rows[0]
+        ratios = {k: row[k] / base[k] for k in row if k.startswith(("decode_tokens", "prefill", "peak"))}
+        print(spec, {k: round(v, 2) for k, v in row.items() if isinstance(v, float)},
+              {k: round(v, 3) for k, v in ratios.items()}, flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="64:8:40,64:8:24,64:4:12")
+    parser.add_argument("--windows", type=int, default=6)
+    parser.add_argument("--calibration-windows", type=int, default=16)
+    parser.add_argument("--heal-minutes", type=float, default=0.0)
+    parser.add_argument("--heal-lr", type=float, default=1e-4)
+    parser.add_argument("--speed", action="store_true")
+    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--out", default="bench/results/moe.json")
+    parser.add_argument("--speed-worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.speed_worker is not None:
+        config = None if args.speed_worker == "dense" else _config(args.speed_worker)
+        print(json.dumps(speed_worker(config, args.new)))
+        return
+    configs = [_config(c) for c in args.configs.split(",")]
+    result: dict = {"machine": platform.platform(), "processor": platform.processor() or platform.machine()}
+    if not args.skip_quality:
+        result["quality"] = quality(configs, args)
+    if args.speed:
+        result["speed"] = speed([None, *configs], args.new)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

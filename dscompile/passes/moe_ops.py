@@ -1,0 +1,89 @@
+"""The math of a carved FFN, as plain tensor ops with static shapes (Inductor fuses them; autograd runs them).
+
+A carved FFN keeps the original's neurons, regrouped: ``n_shared`` always-on experts in one dense block, and
+``R`` routed experts of ``m`` neurons each, stored as ``[R, m, hidden]`` blocks of gate rows, up rows and down
+rows (the down projection transposed, so one expert's weights are three contiguous blocks). A linear router scores
+the routed experts; a balancing bias shifts the choice only, and every chosen expert's output is added with weight
+one, so with every expert chosen the result is the dense FFN's.
+
+Two formulations of the same function:
+
+- ``gathered`` (decode): each token multiplies by the blocks of its ``top_k`` experts only, as multiply-reduce
+  loops into which Inductor fuses the gather, so the bytes read fall with the active fraction. Only while the
+  blocks gathered (tokens x ``top_k``) are fewer than the experts: beyond that (batch 8 at ``top_k`` 24 of 56)
+  the tokens' choices cover nearly every expert, and one pass over all of them, masked, reads less.
+- ``masked`` (prefill, many tokens): every routed neuron is computed and unchosen experts are zeroed. On a CPU
+  the experts of a fine-grained MoE are too narrow (24 neurons for SmolLM2 at 64 experts) for grouped matmuls to
+  beat one dense matmul: ``torch._grouped_mm`` on CPU took 1.9x the dense time at 2,048 tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def route(x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices ``[tokens, top_k]`` of the experts each row of ``x`` (``[tokens, hidden]``) uses, and the weight of
+    each: exactly one, but carrying the router scores' gradient (straight through), so healing trains the router."""
+    scores = F.linear(x, router) + bias
+    idx = scores.topk(top_k, dim=-1).indices
+    return idx, 1.0 + (scores - scores.detach()).gather(1, idx)
+
+
+def neuron_activations(x: torch.Tensor, gate: torch.Tensor | None, up: torch.Tensor, gate_bias: torch.Tensor | None,
+             up_bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """``act(gate x) * up x`` (or ``act(up x)`` for a plain MLP) for a dense block of rows."""
+    act = ACTIVATIONS[activation]
+    u = F.linear(x, up, up_bias)
+    return act(u) if gate is None else act(F.linear(x, gate, gate_bias)) * u
+
+
+def moe_ffn(x: torch.Tensor, shared: tuple | None, experts: tuple, down_t: torch.Tensor, router: torch.Tensor,
+            router_bias: torch.Tensor, down_bias: torch.Tensor | None, top_k: int, activation: str,
+            gathered: bool) -> torch.Tensor:
+    """The carved FFN on ``x`` (``[..., hidden]``).
+
+    ``shared`` is ``(gate, up, down, gate_bias, up_bias)`` with gate and up rows ``[S*m, hidden]``, down
+    ``[hidden, S*m]`` (``nn.Linear`` layout) and biases ``[S*m]`` (gate and biases may be None), or None without
+    shared experts. ``experts`` holds the routed experts' blocks: rows ``[R, m, hidden]`` (down too, so that one
+    expert's down weights are contiguous for gathering) and biases ``[R, m]``; ``down_t`` is the same down weights
+    in ``nn.Linear`` layout ``[hidden, R*m]``, which the masked formulation reads (a decode step's matmul by a
+    ``[R*m, hidden]`` matrix takes 4x the time of one by its transpose through Inductor on a CPU).
+    """
+    shape = x.shape
+    rows = x.reshape(-1, shape[-1])
+    gate, up, down, gate_bias, up_bias = experts
+    n_routed, width, hidden = up.shape
+    idx, weight = route(rows, router, router_bias, top_k)
+    if gathered and rows.shape[0] * top_k <= n_routed:  # fewer blocks than experts: gather only those
+        picked = rows[:, None, None, :]
+        u = (picked * up[idx]).sum(-1)  # multiply-reduce: Inductor fuses the gather in, nothing is copied
+        if up_bias is not None:
+            u = u + up_bias[idx]
+        act = ACTIVATIONS[activation]
+        if gate is None:
+            a = act(u)
+        else:
+            g = (picked * gate[idx]).sum(-1)
+            a = act(g if gate_bias is None else g + gate_bias[idx]) * u
+        out = (a.unsqueeze(-1) * down[idx]).sum((1, 2))
+    else:
+        flat = lambda t: None if t is None else t.reshape(n_routed * width, *t.shape[2:])  # noqa: E731
+        a = neuron_activations(rows, flat(gate), flat(up), flat(gate_bias), flat(up_bias), activation)
+        chosen = torch.zeros(rows.shape[0], n_routed, dtype=a.dtype, device=a.device).scatter(1, idx, weight)
+        a = (a.view(-1, n_routed, width) * chosen.unsqueeze(-1)).view(-1, n_routed * width)
+        out = F.linear(a, down_t)
+    if shared is not None:
+        s_gate, s_up, s_down, s_gate_bias, s_up_bias = shared
+        out = out + F.linear(neuron_activations(rows, s_gate, s_up, s_gate_bias, s_up_bias, activation), s_down)
+    if down_bias is not None:
+        out = out + down_bias
+    return out.reshape(*shape[:-1], hidden)
