@@ -7,30 +7,22 @@ import logging
 
 import pytest
 import torch
-from tiny import greedy_by_forward, ids, tiny_llama
+from tiny import compile_with_session, greedy_by_forward, ids, tiny_llama
 from zoo import ZOO, built, example_ids
 
 import dscompile
 from dscompile import ConfigError, UnsupportedError
 from dscompile.evaluate import logits_of
 from dscompile.runtime.generate import prefill_logits
-from dscompile.session import CompileSession
 
 FUSED_KV = {"gpt2", "gpt_neox", "phi3", "nanogpt"}
 NEAR_FULL = {"mla": {"kv_ratio": 0.999}}  # a budget that rounds to every layer's full K/V rank
 
 
-def _compile(model, profile, lower="eager"):
-    session = CompileSession()
-    compiled = torch.compile(model, backend="deepseek_opt",
-                             options={"profile": profile, "lower": lower, "session": session})
-    return compiled, session
-
-
 @pytest.mark.parametrize("name", list(ZOO))
 def test_backend_at_full_rank_equals_the_original(name):
     model, x, expect = built(name)
-    compiled, session = _compile(model, NEAR_FULL)
+    compiled, session = compile_with_session(model, NEAR_FULL)
     with torch.no_grad():
         torch.testing.assert_close(logits_of(compiled(x)), logits_of(model(x)), atol=1e-4, rtol=0)
     result = next(p for p in session.graphs[0].passes if p.name == "mla")
@@ -45,7 +37,7 @@ def test_backend_at_full_rank_equals_the_original(name):
 def test_backend_halves_the_kv_bytes_and_warns_about_its_few_tokens(caplog):
     model, x = tiny_llama(), ids(2, 8)
     with caplog.at_level(logging.WARNING, logger="dscompile"):
-        compiled, session = _compile(model, "mla", lower="inductor")
+        compiled, session = compile_with_session(model, "mla", lower="inductor")
         with torch.no_grad():
             out = logits_of(compiled(x))
     assert "calibrated on 16 tokens" in caplog.text

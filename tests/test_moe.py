@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from tiny import greedy_by_forward, ids, tiny_llama
+from tiny import compile_with_session, greedy_by_forward, ids, tiny_llama
 from zoo import ZOO, built
 
 import dscompile
@@ -16,23 +16,15 @@ from dscompile.evaluate import logits_of
 from dscompile.passes import moe_carve
 from dscompile.passes.moe_ops import moe_ffn, neuron_activations
 from dscompile.runtime.generate import prefill_logits
-from dscompile.session import CompileSession
 
 ALL_ACTIVE = {"moe": {"n_experts": 8, "n_shared": 2, "top_k": 6}}  # every routed expert chosen: the dense FFN
 HALF = {"moe": {"n_experts": 16, "n_shared": 2, "top_k": 6}}
 
 
-def _compile(model, profile):
-    session = CompileSession()
-    compiled = torch.compile(model, backend="deepseek_opt",
-                             options={"profile": profile, "lower": "eager", "session": session})
-    return compiled, session
-
-
 @pytest.mark.parametrize("name", list(ZOO))
 def test_with_every_expert_active_the_carved_model_is_the_original(name):
     model, x, expect = built(name)
-    compiled, session = _compile(model, ALL_ACTIVE)
+    compiled, session = compile_with_session(model, ALL_ACTIVE)
     with torch.no_grad():
         torch.testing.assert_close(logits_of(compiled(x)), logits_of(model(x)), atol=1e-4, rtol=0)
     results = [p for g in session.graphs for p in g.passes if p.name == "moe"]

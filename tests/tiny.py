@@ -22,6 +22,16 @@ def ids(batch: int = 1, seq: int = 8, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
+def compile_with_session(model: torch.nn.Module, profile: object, lower: str = "eager") -> tuple[object, object]:
+    """``torch.compile`` with the deepseek_opt backend and a session of its own, to read what the passes did."""
+    from dscompile.session import CompileSession
+
+    session = CompileSession()
+    compiled = torch.compile(model, backend="deepseek_opt",
+                             options={"profile": profile, "lower": lower, "session": session})
+    return compiled, session
+
+
 def greedy_by_forward(model: torch.nn.Module, x: torch.Tensor, new: int) -> torch.Tensor:
     """Greedy decoding by recomputing the whole forward for every token: no cache at all."""
     seq = x

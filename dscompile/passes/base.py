@@ -43,6 +43,18 @@ class PassResult:
 PassFn = Callable[[GraphModule, PassContext], PassResult]
 
 
+def session_plan(ctx: PassContext, key: str, matched: Any, plan_graph: Callable[..., Any], config: Any) -> Any:
+    """The plan in ``ctx.options[key]`` (made by ``optimize`` from calibration, or by an earlier graph of this
+    compile), extended by one calibrated on this graph's example inputs when it does not cover ``matched``. The
+    backend keeps it in the session, so the runtime uses the same factors or experts."""
+    plan = ctx.options.get(key)
+    if plan is None or not plan.covers(matched):
+        own = plan_graph(ctx.captured, matched, config)
+        plan = own if plan is None else plan.merged(own)
+        ctx.options[key] = plan
+    return plan
+
+
 def pass_uuid(fn: PassFn) -> str:
     """A stable id that changes when the pass's source changes, so compiled-graph caches invalidate."""
     try:

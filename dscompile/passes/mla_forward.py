@@ -18,7 +18,7 @@ from torch.fx import GraphModule, Node
 
 from ..lowrank import JointFactors
 from ..patterns import AttentionMatch
-from .base import PassContext, PassResult
+from .base import PassContext, PassResult, session_plan
 from .cleanup import cleanup
 from .mla import bias_node, plain_rows, register_factors
 from .mla_plan import MLAPlan, plan_graph
@@ -30,11 +30,7 @@ def mla_pass(gm: GraphModule, ctx: PassContext) -> PassResult:
     config = ctx.profile.mla
     assert config is not None, "the pass manager runs mla only for profiles with an MLA config"
     attentions = ctx.matches.attention
-    plan: MLAPlan | None = ctx.options.get("mla_plan")
-    if plan is None or not plan.covers(attentions):
-        own = plan_graph(ctx.captured, attentions, config)
-        plan = own if plan is None else plan.merged(own)
-        ctx.options["mla_plan"] = plan  # the backend keeps it in the session: the runtime uses the same factors
+    plan: MLAPlan = session_plan(ctx, "mla_plan", attentions, plan_graph, config)
     factors = plan.for_attentions(attentions)
     rope = plan.rope_for_attentions(attentions)
     result = PassResult("mla", gm)

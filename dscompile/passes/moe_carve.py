@@ -8,7 +8,8 @@
    contributions over the calibration tokens) into equal groups by a balanced k-means.
 3. The router is fitted by ridge regression from the FFN input to each expert's total contribution (seconds on a
    CPU), and a DeepSeek-V3 style bias per expert, which changes the choice only, is tuned until the busiest
-   expert's load is within ``MAXVIO_TARGET`` of the mean on the calibration tokens.
+   expert's load is within ``MAXVIO_TARGET`` of the mean on the calibration tokens. (Fitting on one half and
+   balancing on the other did not lower MaxVio on held-out text: its drift is topical, not overfitting.)
 """
 
 from __future__ import annotations
@@ -244,14 +245,14 @@ def balance(x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor, top_k: in
     step = 0.02 * scores.std().item()
     shift = torch.zeros_like(bias)
     best = (float("inf"), bias, [])
-    for _ in range(BALANCE_STEPS):
+    for i in range(BALANCE_STEPS):
         load = expert_load(x, router, bias + shift, top_k)
         vio = max(load) - 1.0
         if vio < best[0]:
             best = (vio, bias + shift, load)
         if vio <= MAXVIO_TARGET:
             break
-        shift -= step * (torch.tensor(load) - 1.0)
+        shift -= step / (1 + i / 50) * (torch.tensor(load) - 1.0)  # decaying: a fixed step ends up oscillating
     return best[1], best[2]
 
 

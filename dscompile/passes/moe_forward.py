@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch.fx import GraphModule
 
-from .base import PassContext, PassResult
+from .base import PassContext, PassResult, session_plan
 from .cleanup import cleanup
 from .moe_plan import MoEPlan, plan_graph, rewrite_ffn
 
@@ -20,11 +20,7 @@ def moe_pass(gm: GraphModule, ctx: PassContext) -> PassResult:
     config = ctx.profile.moe
     assert config is not None, "the pass manager runs moe only for profiles with a MoE config"
     ffns = ctx.matches.ffn
-    plan: MoEPlan | None = ctx.options.get("moe_plan")
-    if plan is None or not plan.covers(ffns):
-        own = plan_graph(ctx.captured, ffns, config)
-        plan = own if plan is None else plan.merged(own)
-        ctx.options["moe_plan"] = plan  # the backend keeps it in the session: the runtime uses the same experts
+    plan: MoEPlan = session_plan(ctx, "moe_plan", ffns, plan_graph, config)
     result = PassResult("moe", gm)
     for i, ffn in enumerate(ffns):
         carved = plan.carved(ffn)
