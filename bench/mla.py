@@ -52,6 +52,25 @@ def perplexity(program: CachedProgram, windows: list[torch.Tensor]) -> float:
     return evaluate.perplexity(lambda x: prefill_logits(program, x), windows)
 
 
+def quality_row(row: dict, program: CachedProgram, baseline: dict, docs: list, code: list, prefix: str = "") -> None:
+    """Perplexity on held-out docs and code, and its change against ``baseline``, into ``row`` under ``prefix``."""
+    for domain, windows in (("docs", docs), ("code", code)):
+        ppl = perplexity(program, windows)
+        row[f"{prefix}ppl_{domain}"] = ppl
+        row[f"{prefix}ppl_{domain}_change_pct"] = 100 * (ppl / baseline[domain] - 1)
+
+
+def heal_row(row: dict, program: CachedProgram, model: torch.nn.Module, calibration: list[torch.Tensor],
+             args: argparse.Namespace) -> int:
+    """Heal ``program`` for ``args.heal_minutes`` on the calibration windows (two per step), recording the run in
+    ``row["heal"]``; returns the steps taken."""
+    batches = [torch.cat(calibration[i:i + 2]) for i in range(0, len(calibration), 2)]
+    report = heal_program(program, model, batches, max_minutes=args.heal_minutes, lr=args.heal_lr, progress=True)
+    row["heal"] = {"minutes": args.heal_minutes, "steps": report.steps, "lr": args.heal_lr,
+                   "kl_first": report.losses[0], "kl_last": report.losses[-1]}
+    return report.steps
+
+
 def _print(label: str, row: dict, prefix: str = "") -> None:
     print(f"{label}: {row['kv_bytes_per_token']} B/token, docs {row[prefix + 'ppl_docs']:.3f} "
           f"({row[prefix + 'ppl_docs_change_pct']:+.1f}%), code {row[prefix + 'ppl_code']:.3f} "
@@ -113,22 +132,12 @@ def main() -> None:
                program.cache_bytes_per_token(), "factorize_s": build_s, "ranks": list(plan.ranks().values())}
         if args.mode == "absorb":
             row["rope_dims"] = sorted({len(d) for d in plan.rope_dims.values()})
-        for domain, windows in (("docs", held_docs), ("code", held_code)):
-            ppl = perplexity(program, windows)
-            row[f"ppl_{domain}"] = ppl
-            row[f"ppl_{domain}_change_pct"] = 100 * (ppl / baseline[domain] - 1)
+        quality_row(row, program, baseline, held_docs, held_code)
         _print(f"kv_ratio {ratio}", row)
         if args.heal_minutes:
-            batches = [torch.cat(calibration[i:i + 2]) for i in range(0, len(calibration), 2)]
-            report = heal_program(program, model, batches, max_minutes=args.heal_minutes, lr=args.heal_lr,
-                                  progress=True)
-            row["heal"] = {"minutes": args.heal_minutes, "steps": report.steps, "lr": args.heal_lr,
-                           "kl_first": report.losses[0], "kl_last": report.losses[-1]}
-            for domain, windows in (("docs", held_docs), ("code", held_code)):
-                ppl = perplexity(program, windows)
-                row[f"healed_ppl_{domain}"] = ppl
-                row[f"healed_ppl_{domain}_change_pct"] = 100 * (ppl / baseline[domain] - 1)
-            _print(f"kv_ratio {ratio} healed ({report.steps} steps)", row, "healed_")
+            steps = heal_row(row, program, model, calibration, args)
+            quality_row(row, program, baseline, held_docs, held_code, "healed_")
+            _print(f"kv_ratio {ratio} healed ({steps} steps)", row, "healed_")
         rows.append(row)
     _write(Path(args.out), {"machine": platform.platform(), "baseline": baseline,
                             "baseline_kv_bytes_per_token": base.cache_bytes_per_token(),

@@ -27,14 +27,13 @@ from pathlib import Path
 import torch
 
 from dscompile import models
-from dscompile.heal import heal_program
 from dscompile.passes.kv_cache import build_cached_program
 from dscompile.passes.moe_carve import expert_load
 from dscompile.passes.moe_plan import MoEPlan, make_plan, record_ffns
 from dscompile.profile import MoEConfig, Profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mla import WINDOW, _windows, perplexity  # noqa: E402
+from mla import WINDOW, _windows, heal_row, perplexity, quality_row  # noqa: E402
 
 
 def _config(text: str) -> MoEConfig:
@@ -78,11 +77,7 @@ def quality(configs: list[MoEConfig], args: argparse.Namespace) -> dict:
         plan.apply(program)
         _quality_row(row, program, baseline, held_docs, held_code, "")
         if args.heal_minutes:
-            heal_batches = [torch.cat(calibration[i:i + 2]) for i in range(0, len(calibration), 2)]
-            report = heal_program(program, model, heal_batches, max_minutes=args.heal_minutes, lr=args.heal_lr,
-                                  progress=True)
-            row["heal"] = {"minutes": args.heal_minutes, "steps": report.steps, "lr": args.heal_lr,
-                           "kl_first": report.losses[0], "kl_last": report.losses[-1]}
+            heal_row(row, program, model, calibration, args)
             _quality_row(row, program, baseline, held_docs, held_code, "healed_")
             row["maxvio_heldout_healed"] = heldout_maxvio(plan, held_inputs)
         out.append(row)
@@ -90,10 +85,7 @@ def quality(configs: list[MoEConfig], args: argparse.Namespace) -> dict:
 
 
 def _quality_row(row: dict, program: object, baseline: dict, docs: list, code: list, prefix: str) -> None:
-    for domain, windows in (("docs", docs), ("code", code)):
-        ppl = perplexity(program, windows)
-        row[f"{prefix}ppl_{domain}"] = ppl
-        row[f"{prefix}ppl_{domain}_change_pct"] = 100 * (ppl / baseline[domain] - 1)
+    quality_row(row, program, baseline, docs, code, prefix)
     print(f"{row['config']} ({row['active']:.0%} active){' healed' if prefix else ''}: "
           f"docs {row[prefix + 'ppl_docs_change_pct']:+.1f}%, code {row[prefix + 'ppl_code_change_pct']:+.1f}%, "
           f"MaxVio held-out {row['maxvio_heldout']:.3f}", flush=True)

@@ -9,7 +9,7 @@ prefill (the ``masked`` formulation of :mod:`.moe_ops`) and its decode step (``g
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -174,11 +174,12 @@ def _check(config: MoEConfig, ffns: Sequence[FFNMatch]) -> list[FFNMatch]:
     return ready
 
 
-def _record(gm: GraphModule, ffns: Sequence[FFNMatch], tokens: int, run: object) -> dict[str, list[torch.Tensor]]:
+def _record(gm: GraphModule, ffns: Sequence[FFNMatch], tokens: int,
+            run: Callable[[], object]) -> dict[str, list[torch.Tensor]]:
     nodes = list(dict.fromkeys(n for f in ffns for n in (f.up.input, f.down.input)))
     stride = max(1, -(-tokens // MAX_ROWS))
     with record_rows(gm, nodes, stride) as rows:
-        run()  # type: ignore[operator]
+        run()
     return rows
 
 
