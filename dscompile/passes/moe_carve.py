@@ -89,14 +89,15 @@ class CarvedFFN:
             down.copy_(self.down_t.T.reshape(down.shape))
 
     def active_params(self) -> tuple[int, int]:
-        """(parameters a token reads, parameters held) in this FFN, router included."""
+        """(parameters a token reads, parameters held) in this FFN, router included. ``down_t`` is held but is a
+        second layout of the routed down weights: a token reads one layout or the other, counted once."""
         def size(t: tuple | None) -> int:
             return sum(x.numel() for x in t if x is not None) if t is not None else 0
 
         routed = size(self.experts)
-        fixed = size(self.shared) + self.down_t.numel() + self.router.numel() + self.router_bias.numel() + \
+        fixed = size(self.shared) + self.router.numel() + self.router_bias.numel() + \
             (self.down_bias.numel() if self.down_bias is not None else 0)
-        return fixed + routed * self.top_k // self.n_routed, fixed + routed
+        return fixed + routed * self.top_k // self.n_routed, fixed + routed + self.down_t.numel()
 
 
 def _rows(lin: LinearInfo) -> torch.Tensor:
