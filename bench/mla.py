@@ -101,7 +101,7 @@ def main() -> None:
     ratios = [float(r) for r in args.ratios.split(",")]
     long_rows = long_run(ratios, args) if args.long else []
     if args.skip_quality:
-        _write(Path(args.out), {"machine": platform.platform(), "long": long_rows})
+        write_result(Path(args.out), {"machine": platform.platform(), "long": long_rows})
         return
 
     model, tokenizer = models.load("smollm2")
@@ -139,7 +139,7 @@ def main() -> None:
             quality_row(row, program, baseline, held_docs, held_code, "healed_")
             _print(f"kv_ratio {ratio} healed ({steps} steps)", row, "healed_")
         rows.append(row)
-    _write(Path(args.out), {"machine": platform.platform(), "baseline": baseline,
+    write_result(Path(args.out), {"machine": platform.platform(), "baseline": baseline,
                             "baseline_kv_bytes_per_token": base.cache_bytes_per_token(),
                             "calibration_tokens": len(calibration) * WINDOW, "calibrate_s": calibrate_s,
                             "rows": rows, "long": long_rows})
@@ -149,7 +149,7 @@ def _config(ratio: float, args: argparse.Namespace) -> MLAConfig | None:
     return MLAConfig(ratio, args.mode, v_weight=args.v_weight, rope_dims=args.rope_dims) if ratio else None
 
 
-def _write(out: Path, data: dict) -> None:
+def write_result(out: Path, data: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2))
     print(f"wrote {out}")

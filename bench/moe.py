@@ -33,7 +33,7 @@ from dscompile.passes.moe_plan import MoEPlan, make_plan, record_ffns
 from dscompile.profile import MoEConfig, Profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mla import WINDOW, _windows, heal_row, perplexity, quality_row  # noqa: E402
+from mla import WINDOW, _windows, heal_row, perplexity, quality_row, write_result  # noqa: E402
 
 
 def _config(text: str) -> MoEConfig:
@@ -156,10 +156,7 @@ def main() -> None:
         result["quality"] = quality(configs, args)
     if args.speed:
         result["speed"] = speed([None, *configs], args.new)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_result(Path(args.out), result)
 
 
 if __name__ == "__main__":

@@ -26,14 +26,15 @@ from .lower.onnx import export_onnx
 from .patterns import MatchSet
 from .profile import PRESETS, MLAConfig, MoEConfig, MTPConfig, Profile, load_profile_file
 from .report import Report
+from .train_mtp import MTPTrainReport, train_mtp
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS", "CacheError", "CaptureError", "ConfigError", "DscompileError", "GraphDiff", "HealReport",
-    "LoweringError", "MLAConfig", "MTPConfig", "MatchError", "MatchSet", "MoEConfig", "ModelNotFoundError",
-    "OptimizedModel", "Profile", "Report", "UnsupportedError", "configure_logging", "deepseek_opt", "diff",
-    "export_onnx", "heal", "inspect", "load_profile_file", "models", "optimize",
+    "LoweringError", "MLAConfig", "MTPConfig", "MTPTrainReport", "MatchError", "MatchSet", "MoEConfig",
+    "ModelNotFoundError", "OptimizedModel", "Profile", "Report", "UnsupportedError", "configure_logging",
+    "deepseek_opt", "diff", "export_onnx", "heal", "inspect", "load_profile_file", "models", "optimize", "train_mtp",
 ]
 
 configure_logging()

@@ -18,6 +18,8 @@ from .passes.kv_cache import CachedProgram, build_cached_program
 from .passes.manager import check_supported
 from .passes.mla_plan import plan_program
 from .passes.moe_plan import plan_program as plan_moe
+from .passes.mtp_heads import MTPHeads, build_heads
+from .passes.mtp_program import expose_hidden
 from .patterns import MatchSet, match_all
 from .profile import Profile, resolve_profile
 from .report import Report
@@ -48,6 +50,7 @@ class OptimizedModel(torch.nn.Module):
         self._compiled = self._compile()
         self._runtime: Runtime | None = None
         self._program: CachedProgram | None = None  # built early when calibration needs it, else by runtime()
+        self._heads: MTPHeads | None = None
 
     def _compile(self) -> Any:
         backend = functools.partial(deepseek_opt, options=self._options)
@@ -72,15 +75,44 @@ class OptimizedModel(torch.nn.Module):
         if self._runtime is None:
             program = self._program if self._program is not None else build_cached_program(self.original)
             self._program = None
-            for rewrite, plan in (("mla", self.session.mla_plan), ("moe", self.session.moe_plan)):
-                if getattr(self.profile, rewrite) is not None and plan is not None:
-                    plan.apply(program)
+            self.apply_plans(program)
+            drafter = None
+            if self.profile.mtp is not None:
+                expose_hidden(program)
+                drafter = self.mtp_heads(program)
+                if not drafter.trained:
+                    log.warning("MTP heads are untrained: drafts will rarely be accepted until dscompile.train_mtp "
+                                "trains them (or profile mtp.heads names a trained file)")
             config = getattr(self.original, "generation_config", None)
             self._runtime = Runtime(
                 program, lower="eager" if self.lower == "eager" else "inductor", max_positions=program.max_positions,
                 pad_token_id=getattr(config, "pad_token_id", None), eos_token_id=getattr(config, "eos_token_id", None),
+                drafter=drafter,
             )
         return self._runtime
+
+    def apply_plans(self, program: CachedProgram) -> None:
+        """Rewrite a runtime program with the profile's calibrated MLA and MoE plans (the runtime's, healing's and
+        MTP training's programs all compute what the compiled forward computes)."""
+        for rewrite, plan in (("mla", self.session.mla_plan), ("moe", self.session.moe_plan)):
+            if getattr(self.profile, rewrite) is not None and plan is not None:
+                plan.apply(program)
+
+    def mtp_heads(self, program: CachedProgram | None = None) -> MTPHeads:
+        """The MTP heads of this model (built on first use from ``program``, or from a fresh runtime program):
+        initialised from the model's last FFN, or loaded from ``profile.mtp.heads``; trained by
+        :func:`dscompile.train_mtp`."""
+        if self.profile.mtp is None:
+            raise ConfigError(f"profile {self.profile.name!r} has no MTP: optimize with profile 'mtp' or "
+                              "{'mtp': {'depth': 3}}")
+        if self._heads is None:
+            self._heads = build_heads(program if program is not None else build_cached_program(self.original),
+                                      self.profile.mtp)
+        return self._heads
+
+    def save_mtp(self, path: str) -> None:
+        """Save the trained MTP heads (safetensors); load them with profile ``{"mtp": {"heads": path}}``."""
+        self.mtp_heads().save(path)
 
     @property
     def monitor(self) -> Monitor:
@@ -98,7 +130,12 @@ class OptimizedModel(torch.nn.Module):
 
     def report(self) -> Report:
         """What the compile matched and rewrote; available after the first call (``optimize`` makes one)."""
-        return Report.from_session(self.session, self.profile)
+        report = Report.from_session(self.session, self.profile)
+        last = self._runtime.monitor.last if self._runtime is not None else None
+        if last is not None and "mtp_tokens_per_step" in last.extra:  # MTP: the latest generate call's acceptance
+            report.extra.update(mtp_acceptance=last.extra["mtp_acceptance"],
+                                mtp_tokens_per_step=last.extra["mtp_tokens_per_step"])
+        return report
 
     def matches(self) -> MatchSet:
         return self.session.matches()

@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="tokens of held-out text, after the perplexity windows, that lossy rewrites are fitted to")
     p_opt.add_argument("--heal-minutes", type=float, default=0.0,
                        help="then heal the rewritten model this long on the calibration text (lossy profiles)")
+    p_opt.add_argument("--mtp-minutes", type=float, default=0.0,
+                       help="MTP profiles: train the heads this long on continuations of the calibration text")
+    p_opt.add_argument("--save-mtp", default=None, help="MTP profiles: save the trained heads to this file")
 
     p_onnx = sub.add_parser("export-onnx", help="export token ids -> logits to ONNX, checked in onnxruntime")
     model_args(p_onnx)
@@ -141,6 +144,17 @@ def _optimize(args: argparse.Namespace) -> dict[str, Any]:
         from .heal import heal
 
         heal(optimized, calibration, max_minutes=args.heal_minutes)
+    if profile.mtp is not None and args.mtp_minutes > 0:
+        from .train_mtp import train_mtp
+
+        trained = train_mtp(optimized, calibration, max_minutes=args.mtp_minutes)
+        print(f"MTP heads: held-out acceptance by depth {[round(a, 3) for a in trained.acceptance]}, "
+              f"expected {trained.tokens_per_step:.2f} tokens per step")
+    if args.save_mtp:
+        if profile.mtp is None:
+            raise DscompileError("--save-mtp needs a profile with MTP")
+        optimized.save_mtp(args.save_mtp)
+        print(f"wrote {args.save_mtp}")
     after = _measure("optimized", optimized, batches)
     report = optimized.report().to_dict()
     print(optimized.report().diff)

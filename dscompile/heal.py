@@ -59,8 +59,7 @@ def heal(optimized: OptimizedModel, data: Any, tokenizer: Any = None, max_minute
                     "pass more text", token_count(batches), MIN_HEAL_TOKENS)
     windows = calibration_windows(batches, HEAL_WINDOW, rows=2)
     program = build_cached_program(optimized.original, logits="all")
-    for plan in plans:
-        plan.apply(program)
+    optimized.apply_plans(program)
     report = heal_program(program, optimized.original, windows, max_minutes=max_minutes, max_steps=max_steps, lr=lr,
                           progress=progress)
     for plan in plans:

@@ -46,7 +46,14 @@ class GenerationStats:
     def __str__(self) -> str:
         return (f"batch {self.batch}, prompt {self.prompt_tokens}, new {self.new_tokens}: first token "
                 f"{self.time_to_first_token_s * 1000:.0f} ms, decode {self.decode_tokens_per_s:.1f} tok/s, "
-                f"cache {self.cache_bytes / 2**20:.1f} MiB, peak memory {self.peak_memory_bytes / 2**20:.0f} MiB")
+                f"cache {self.cache_bytes / 2**20:.1f} MiB, peak memory {self.peak_memory_bytes / 2**20:.0f} MiB"
+                + self._speculation())
+
+    def _speculation(self) -> str:
+        if "mtp_tokens_per_step" not in self.extra:
+            return ""
+        kept = ", ".join(f"{a:.2f}" for a in self.extra["mtp_acceptance"])
+        return f", MTP {self.extra['mtp_tokens_per_step']:.2f} tokens/step (drafts kept by position: {kept})"
 
 
 class Monitor:

@@ -74,13 +74,17 @@ class MTPConfig:
     """Multi-token prediction: ``depth`` extra heads draft tokens t+2 ... t+1+depth."""
 
     depth: int = 3
-    head: str = "deepseek"  # "deepseek" (norm + concat + block) or "medusa" (residual head)
+    head: str = "deepseek"  # "deepseek" (norm + concat + FFN block) or "medusa" (residual head)
+    draft_vocab: int = 4096  # drafts are projected onto this many of the most predicted tokens
+    heads: str | None = None  # a safetensors file of trained heads (OptimizedModel.save_mtp), loaded when set
 
     def __post_init__(self) -> None:
-        if self.depth < 1:
-            raise ConfigError(f"mtp.depth must be at least 1, got {self.depth}")
+        if not isinstance(self.depth, int) or self.depth < 1:
+            raise ConfigError(f"mtp.depth must be an integer of at least 1, got {self.depth!r}")
         if self.head not in ("deepseek", "medusa"):
             raise ConfigError(f"mtp.head must be 'deepseek' or 'medusa', got {self.head!r}")
+        if not isinstance(self.draft_vocab, int) or self.draft_vocab < 16:
+            raise ConfigError(f"mtp.draft_vocab must be an integer of at least 16, got {self.draft_vocab!r}")
 
 
 @dataclass(frozen=True)

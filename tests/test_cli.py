@@ -38,6 +38,23 @@ def test_optimize_main_job_on_smollm2(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_optimize_with_mtp_trains_saves_and_speculates(tmp_path, capsys):
+    heads = tmp_path / "heads.safetensors"
+    code = cli.main(["optimize", "--model", "smollm2", "--profile", "mtp", "--lower", "eager", "--windows", "1",
+                     "--window", "64", "--calibration-tokens", "1024", "--mtp-minutes", "1.5", "--save-mtp",
+                     str(heads), "--generate", "24", "--json", str(tmp_path / "r.json")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "MTP heads: held-out acceptance by depth" in printed and f"wrote {heads}" in printed
+    assert heads.is_file()
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["before"]["perplexity"] == pytest.approx(result["after"]["perplexity"], rel=1e-4)  # lossless
+    generation = result["generation"]
+    assert len(generation["extra"]["mtp_acceptance"]) == 3 and generation["extra"]["mtp_tokens_per_step"] >= 1.0
+    assert "tokens/step" in printed
+
+
+@pytest.mark.slow
 def test_inspect_smollm2_table(capsys, tmp_path):
     assert cli.main(["inspect", "--model", "smollm2", "--json", str(tmp_path / "m.json")]) == 0
     printed = capsys.readouterr().out

@@ -27,7 +27,7 @@ def test_unknown_preset_lists_the_presets():
     (lambda: MoEConfig(n_experts=1), "n_experts must be at least 2"),
     (lambda: MoEConfig(n_experts=8, n_shared=8), "n_shared"),
     (lambda: MoEConfig(n_experts=8, n_shared=2, top_k=7), "top_k must be between 1 and the routed expert count 6"),
-    (lambda: MTPConfig(depth=0), "depth must be at least 1"),
+    (lambda: MTPConfig(depth=0), "depth must be an integer of at least 1"),
     (lambda: MTPConfig(head="eagle"), "head must be"),
 ])
 def test_impossible_configs_are_refused(make, message):

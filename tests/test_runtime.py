@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from chunked import chunked_logits
-from tiny import ids, tiny_llama
+from tiny import assert_same_or_near_tie, greedy_by_forward, ids, tiny_llama
 from zoo import ZOO, built
 
 import dscompile
@@ -53,30 +53,6 @@ def test_prefill_then_decode_equals_full_forward(name, programs):
     assert program.cache_bytes_per_token() == sum(layer.values_per_token for layer in program.layers) * 4
 
 
-def _full_recompute_greedy(model, x, new):
-    out = x
-    with torch.no_grad():
-        for _ in range(new):
-            nxt = logits_of(model(out))[:, -1].argmax(-1, keepdim=True)
-            out = torch.cat([out, nxt], dim=1)
-    return out
-
-
-def _assert_same_or_near_tie(model, got, expected, prompt_mask=None):
-    """Token-identical, or the first difference is a near-tie (top two logits within 1e-4) in the original."""
-    if torch.equal(got, expected):
-        return
-    row = int((got != expected).any(dim=1).nonzero()[0])
-    col = int((got[row] != expected[row]).nonzero()[0])
-    prefix = expected[row:row + 1, :col]
-    kwargs = {} if prompt_mask is None else {
-        "attention_mask": torch.cat([prompt_mask[row:row + 1], torch.ones(1, col - prompt_mask.shape[1],
-                                                                             dtype=torch.long)], dim=1)}
-    with torch.no_grad():
-        top = logits_of(model(prefix, **kwargs))[0, -1].topk(2).values
-    assert float(top[0] - top[1]) < 1e-4, f"row {row} differs at {col} without a near-tie"
-
-
 @pytest.mark.parametrize("name", HF)
 def test_greedy_matches_transformers_generate(name, programs):
     model, _, expect = built(name)
@@ -93,7 +69,7 @@ def test_greedy_matches_transformers_generate(name, programs):
                                       eos_token_id=None, pad_token_id=0)
         got = runtime.generate(x, attention_mask=mask, max_new_tokens=64)
         assert got.shape == expected.shape
-        _assert_same_or_near_tie(model, got, expected, mask)
+        assert_same_or_near_tie(model, got, expected, mask)
 
 
 @pytest.mark.parametrize("name", HAND_WRITTEN)
@@ -103,7 +79,7 @@ def test_greedy_matches_full_recompute_on_hand_written_models(name, programs):
     for batch in (1, 4):
         x = torch.randint(0, expect.vocab, (batch, 6), generator=torch.Generator().manual_seed(batch))
         got = runtime.generate(x, max_new_tokens=64)
-        _assert_same_or_near_tie(model, got, _full_recompute_greedy(model, x, 64))
+        assert_same_or_near_tie(model, got, greedy_by_forward(model, x, 64))
 
 
 def test_inductor_decode_is_exact_and_compiled_once():
@@ -248,7 +224,7 @@ def test_smollm2_greedy_matches_transformers_with_compiled_decode(smollm2):
         with torch.no_grad():
             expected = model.generate(x, attention_mask=mask, max_new_tokens=64, do_sample=False)
         got = runtime.generate(x, attention_mask=mask, max_new_tokens=64)
-        _assert_same_or_near_tie(model, got, expected, mask)
+        assert_same_or_near_tie(model, got, expected, mask)
     assert runtime.monitor.last.cache_bytes == 30 * 2 * 4 * 3 * 128 * 64 * 4  # capacity 128 slots
 
 
@@ -291,7 +267,7 @@ def test_value_heads_wider_than_query_heads_generate_exactly():
     assert [(layer.head_dim, layer.v_head_dim) for layer in program.layers] == [(16, V_DIM)]
     runtime = Runtime(program, lower="eager")
     x = torch.randint(0, 72, (2, 5), generator=torch.Generator().manual_seed(0))
-    _assert_same_or_near_tie(model, runtime.generate(x, max_new_tokens=20), _full_recompute_greedy(model, x, 20))
+    assert_same_or_near_tie(model, runtime.generate(x, max_new_tokens=20), greedy_by_forward(model, x, 20))
 
 
 @pytest.mark.parametrize("name", ["mistral", "table_lm", "gemma2"])

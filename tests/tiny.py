@@ -39,3 +39,18 @@ def greedy_by_forward(model: torch.nn.Module, x: torch.Tensor, new: int) -> torc
         with torch.no_grad():
             seq = torch.cat([seq, logits_of(model(seq))[:, -1].argmax(-1, keepdim=True)], 1)
     return seq
+
+
+def assert_same_or_near_tie(model, got, expected, prompt_mask=None):
+    """Token-identical, or the first difference is a near-tie (top two logits within 1e-4) in the original."""
+    if torch.equal(got, expected):
+        return
+    row = int((got != expected).any(dim=1).nonzero()[0])
+    col = int((got[row] != expected[row]).nonzero()[0])
+    prefix = expected[row:row + 1, :col]
+    kwargs = {} if prompt_mask is None else {
+        "attention_mask": torch.cat([prompt_mask[row:row + 1], torch.ones(1, col - prompt_mask.shape[1],
+                                                                             dtype=torch.long)], dim=1)}
+    with torch.no_grad():
+        top = logits_of(model(prefix, **kwargs))[0, -1].topk(2).values
+    assert float(top[0] - top[1]) < 1e-4, f"row {row} differs at {col} without a near-tie"

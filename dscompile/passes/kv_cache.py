@@ -24,6 +24,7 @@ from ..capture import CapturedGraph, check_model, forward_accepts, from_fx
 from ..errors import CaptureError, ConfigError, MatchError, UnsupportedError
 from ..patterns import AttentionMatch, MatchSet, match_all, ops
 from ..patterns.attention import eager_anchor
+from ..patterns.lm_head import token_embedding
 from ..patterns.walk import shape
 
 log = logging.getLogger("dscompile")
@@ -78,6 +79,9 @@ class CachedProgram:
     max_positions: int | None = None  # rows of the position tables, or the config's max_position_embeddings
     slot_positions: bool = False
     decode_gm: GraphModule | None = None  # MLA absorb mode: the graph decode steps run (same inputs as gm)
+    hidden: str | None = None  # the node that feeds the LM head (what MTP heads draft from), by name
+    embedding: torch.Tensor | None = None  # the token embedding table (MTP heads embed drafted tokens with it)
+    slot_is_position: bool = False  # positions come from cache_position (hand-written models), not position_ids
 
     @property
     def device(self) -> torch.device:
@@ -137,6 +141,10 @@ def build_cached_program(model: torch.nn.Module, *, example_length: int = 8, log
     dtype = _cache_dtype(matches)
     takes_mask = takes_positions and forward_accepts(model, "attention_mask")
     program = _rewrite(captured, matches, config, takes_positions, takes_mask, dtype, ids_name)
+    table = token_embedding(captured)
+    program.embedding = table.tensor if table is not None else None
+    if matches.lm_head:
+        program.hidden = matches.lm_head[0].linear.input.name
     if logits == "last":
         _last_position_only(program)
     log.info("kv_cache: %d layers cached, %d bytes per token%s", len(program.layers),
@@ -258,7 +266,8 @@ def _rewrite(captured: CapturedGraph, matches: MatchSet, config: Any, takes_posi
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
-    return CachedProgram(gm, layers, windows, dtype, takes_mask, matches, notes, min(limits) if limits else None)
+    return CachedProgram(gm, layers, windows, dtype, takes_mask, matches, notes, min(limits) if limits else None,
+                         slot_is_position=not takes_positions)
 
 
 def _cache_source(graph: torch.fx.Graph, node: Node, kv_heads: int, where: str) -> Node:
@@ -453,6 +462,7 @@ def _last_position_only(program: CachedProgram) -> None:
     with graph.inserting_before(head.node):
         last = graph.call_function(_SLICE, (head.input, 1, -1, 9223372036854775807))
     head.node.replace_input_with(head.input, last)
+    program.hidden = last.name
     program.gm.recompile()
 
 

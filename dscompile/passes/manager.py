@@ -13,12 +13,13 @@ from .base import PassContext, PassFn, PassResult, pass_uuid
 from .cleanup import cleanup
 from .mla_forward import mla_pass
 from .moe_forward import moe_pass
+from .mtp_forward import mtp_pass
 
 log = logging.getLogger("dscompile")
 
 # Rewrite name -> pass. Passes register here as they land; a profile naming one that is absent is refused
 # before any work (see check_supported).
-REGISTRY: dict[str, PassFn] = {"mla": mla_pass, "moe": moe_pass}
+REGISTRY: dict[str, PassFn] = {"mla": mla_pass, "moe": moe_pass, "mtp": mtp_pass}
 ORDER = ("mla", "moe", "mtp")
 
 

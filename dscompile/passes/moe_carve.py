@@ -121,23 +121,24 @@ def unsupported_reason(ffn: FFNMatch) -> str | None:
     return None
 
 
-def dense_rows(ffn: FFNMatch, x: torch.Tensor, a: torch.Tensor) -> DenseRows | str:
-    """The FFN's weights as rows, checked against calibration: ``x`` (inputs) must give ``a`` (the activations
-    recorded at the down projection's input). Returns the reason when no reading of the weights does."""
+def row_readings(ffn: FFNMatch) -> list[DenseRows]:
+    """The ways to read the FFN's weights as rows: one, or two for a fused gate/up (gate first, then up first)."""
     down = _rows(ffn.down).T  # the down projection's rows: one per neuron
-    candidates = []
     if ffn.fused_gate_up:
         both, bias = _rows(ffn.up), _bias(ffn.up)
         n = ffn.intermediate_size
         halves = [(both[:n], both[n:], None if bias is None else bias[:n], None if bias is None else bias[n:])]
         halves.append((halves[0][1], halves[0][0], halves[0][3], halves[0][2]))
-        candidates = [DenseRows(g, u, down, gb, ub, _bias(ffn.down), ffn.activation) for g, u, gb, ub in halves]
-    else:
-        gate = _rows(ffn.gate) if ffn.gate is not None else None
-        candidates = [DenseRows(gate, _rows(ffn.up), down, _bias(ffn.gate), _bias(ffn.up), _bias(ffn.down),
-                                ffn.activation)]
+        return [DenseRows(g, u, down, gb, ub, _bias(ffn.down), ffn.activation) for g, u, gb, ub in halves]
+    gate = _rows(ffn.gate) if ffn.gate is not None else None
+    return [DenseRows(gate, _rows(ffn.up), down, _bias(ffn.gate), _bias(ffn.up), _bias(ffn.down), ffn.activation)]
+
+
+def dense_rows(ffn: FFNMatch, x: torch.Tensor, a: torch.Tensor) -> DenseRows | str:
+    """The FFN's weights as rows, checked against calibration: ``x`` (inputs) must give ``a`` (the activations
+    recorded at the down projection's input). Returns the reason when no reading of the weights does."""
     worst = float("inf")
-    for rows in candidates:
+    for rows in row_readings(ffn):
         if rows.up.shape[0] != a.shape[-1]:
             continue
         err = (rows.neurons(x) - a).abs().max().item()

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import ConfigError
 from ..monitor import GenerationStats, Monitor, Stopwatch, peak_memory
 from ..passes.kv_cache import CachedProgram
+from .emit import is_eos, stream, stream_end
 from .sampling import check_sampling, choose_next
+from .speculative import Speculation, speculation_slots
+
+if TYPE_CHECKING:
+    from ..passes.mtp_heads import MTPHeads
 
 log = logging.getLogger("dscompile")
 
@@ -25,34 +30,47 @@ PREFILL_TOKENS = 4096
 """A prompt is prefilled in chunks of at most this many tokens over all rows: transient activations (attention
 bias, FFN intermediates, MLA's rebuilt keys) stay bounded however long the context is."""
 LOWERINGS = ("inductor", "eager")
+VERIFY_ROWS = 16  # the thin-product threshold (lower.thin_matmul.THIN_ROWS), kept here to avoid importing Inductor
 
 
 def attention_bias(key_valid: torch.Tensor, query_positions: torch.Tensor, window: int | None,
-                   dtype: torch.dtype) -> torch.Tensor:
+                   dtype: torch.dtype, window_positions: tuple[torch.Tensor, torch.Tensor] | None = None
+                   ) -> torch.Tensor:
     """Additive bias ``[batch, 1, queries, capacity]``: causal, inside the window, not padding.
 
-    A query always sees its own slot, so a row of pure padding stays finite (its output is never used).
+    ``query_positions`` are the queries' slots. The window is measured in slots too, unless ``window_positions``
+    gives ``(query [batch, queries], key [batch, capacity])`` token positions to measure it in (speculative decoding
+    leaves holes between a row's slots). A query always sees its own slot, so a row of pure padding stays finite
+    (its output is never used).
     """
     capacity = key_valid.shape[-1]
     keys = torch.arange(capacity, device=key_valid.device)
     q = query_positions.unsqueeze(-1)
-    allowed = keys <= q
-    if window is not None:
-        allowed = allowed & (keys > q - window)
-    allowed = (allowed.unsqueeze(0) & key_valid.unsqueeze(1)) | (keys == q).unsqueeze(0)
+    allowed = (keys <= q).unsqueeze(0)
+    if window is not None and window_positions is None:
+        allowed = allowed & (keys > q - window).unsqueeze(0)
+    elif window is not None:
+        query_pos, key_pos = window_positions
+        allowed = allowed & (key_pos.unsqueeze(1) > query_pos.unsqueeze(-1) - window)
+    allowed = (allowed & key_valid.unsqueeze(1)) | (keys == q).unsqueeze(0)
     bias = torch.zeros(allowed.shape, dtype=dtype, device=key_valid.device)
     return bias.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
 
-def prefill_logits(program: CachedProgram, ids: torch.Tensor) -> torch.Tensor:
-    """One prefill of ``ids`` (no padding) through ``program`` with fresh caches sized to it: the logits the
-    program returns (every position for a ``logits="all"`` program). For evaluation and healing."""
+def prefill_outputs(program: CachedProgram, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One prefill of ``ids`` (no padding) through ``program`` with fresh caches sized to it: what the program
+    returns, the logits first (every position for a ``logits="all"`` program), then the hidden states with MTP."""
     batch, tokens = ids.shape
     slots = torch.arange(tokens, device=ids.device)
     valid = torch.ones(batch, tokens, dtype=torch.bool, device=ids.device)
     biases = [attention_bias(valid, slots, w, program.dtype) for w in program.windows]
     caches = program.new_caches(batch, tokens, ids.device)
-    return program.gm(ids, slots.expand(batch, -1), slots, *biases, *caches)[0]
+    return tuple(program.gm(ids, slots.expand(batch, -1), slots, *biases, *caches))
+
+
+def prefill_logits(program: CachedProgram, ids: torch.Tensor) -> torch.Tensor:
+    """The logits of :func:`prefill_outputs`. For evaluation and healing."""
+    return prefill_outputs(program, ids)[0]
 
 
 class Runtime:
@@ -60,7 +78,7 @@ class Runtime:
 
     def __init__(self, program: CachedProgram, *, lower: str = "inductor", max_positions: int | None = None,
                  pad_token_id: int | None = None, eos_token_id: int | list[int] | None = None,
-                 prefill_tokens: int = PREFILL_TOKENS):
+                 prefill_tokens: int = PREFILL_TOKENS, drafter: MTPHeads | None = None):
         if lower not in LOWERINGS:
             raise ConfigError(f"unknown runtime lower={lower!r}; valid: {', '.join(LOWERINGS)}")
         self.program = program
@@ -69,8 +87,14 @@ class Runtime:
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
         self.prefill_tokens = prefill_tokens
+        self.drafter = drafter  # MTP heads: generate then drafts and verifies (the program returns hidden states)
+        # Speculate only while a verification (batch x (depth + 1) rows) stays memory-bound: on a CPU, beyond the
+        # thin-product rows it costs as much as that many plain steps (SmolLM2 at batch 8, depth 3: 0.54x). None:
+        # always (a GPU verifies many rows for the price of one).
+        self.max_verify_rows: int | None = None if self.device.type == "cuda" else VERIFY_ROWS
         self.monitor = Monitor()
         self._decode: Callable[..., Any] | None = None
+        self._draft: Callable[..., Any] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -83,9 +107,24 @@ class Runtime:
             self._decode = gm if self.lower == "eager" else _compile_decode(gm, self.device)
         return self._decode
 
+    def draft_step(self) -> Callable[..., Any]:
+        """MTP: the greedy drafting of ``depth`` tokens, compiled like the decode step (its products are thin too)."""
+        assert self.drafter is not None, "draft_step needs MTP heads"
+        if self._draft is None:
+            self._draft = self.drafter.draft if self.lower == "eager" else _compile_decode(self.drafter.draft,
+                                                                                           self.device)
+        return self._draft
+
+    def speculates(self, batch: int) -> bool:
+        """Whether ``generate`` drafts and verifies at this batch size (MTP heads, verification memory-bound)."""
+        if self.drafter is None:
+            return False
+        return self.max_verify_rows is None or batch * (self.drafter.depth + 1) <= self.max_verify_rows
+
     def reset_compiled(self) -> None:
-        """Drop the compiled decode step (it is compiled again on next use)."""
+        """Drop the compiled decode and draft steps (they are compiled again on next use)."""
         self._decode = None
+        self._draft = None
 
     def capacity_for(self, total: int) -> int:
         """Cache slots for ``total`` tokens: rounded up to a bucket, so similar lengths share one compiled step."""
@@ -96,35 +135,44 @@ class Runtime:
 
     @torch.no_grad()
     def warm_up(self, batch: int, total_tokens: int) -> float:
-        """Compile the decode step for ``batch`` rows and ``total_tokens`` (prompt + new) ahead of generation;
-        returns the seconds it took."""
+        """Compile the decode step (and with MTP the draft step) for ``batch`` rows and ``total_tokens`` (prompt +
+        new) ahead of generation; returns the seconds it took."""
         clock = Stopwatch(self.device)
+        tokens = 1
+        if self.drafter is not None and self.speculates(batch):  # MTP: depth + 1 tokens, in a larger cache
+            tokens = self.drafter.depth + 1
+            total_tokens += speculation_slots(self.drafter, batch)
         capacity = self.capacity_for(total_tokens)
         caches = self.program.new_caches(batch, capacity, self.device)
         valid = torch.ones(batch, capacity, dtype=torch.bool, device=self.device)
         # Distinct tensors for every input: Dynamo guards on aliasing, and generate never passes one twice.
-        token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
-        position = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
-        self._run(self.decode_step(), token, position, torch.zeros(1, dtype=torch.long, device=self.device), valid,
-                  caches)
+        token = torch.zeros(batch, tokens, dtype=torch.long, device=self.device)
+        position = torch.zeros(batch, tokens, dtype=torch.long, device=self.device)
+        self.run(self.decode_step(), token, position, torch.arange(tokens, device=self.device), valid, caches)
+        if self.drafter is not None and tokens > 1:
+            hidden = torch.zeros(batch, self.drafter.hidden, dtype=self.program.dtype, device=self.device)
+            self.draft_step()(hidden, token[:, 0].clone())
         return clock.lap()
 
-    def _run(self, fn: Callable[..., Any], ids: torch.Tensor, positions: torch.Tensor, cache_position: torch.Tensor,
-             key_valid: torch.Tensor, caches: list[torch.Tensor]) -> torch.Tensor:
-        biases = [attention_bias(key_valid, cache_position, w, self.program.dtype) for w in self.program.windows]
+    def run(self, fn: Callable[..., Any], ids: torch.Tensor, positions: torch.Tensor, cache_position: torch.Tensor,
+            key_valid: torch.Tensor, caches: list[torch.Tensor],
+            window_positions: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+        """One call of a program graph: ``(logits,)``, or ``(logits, hidden)`` for a program with MTP."""
+        biases = [attention_bias(key_valid, cache_position, w, self.program.dtype, window_positions)
+                  for w in self.program.windows]
         out = fn(ids, positions, cache_position, *biases, *caches)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
     def _prefill(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
-                 caches: list[torch.Tensor]) -> torch.Tensor:
+                 caches: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """The prompt through the program in chunks of whole rows (causal masking makes chunks exact)."""
         batch, prompt = ids.shape
         chunk = max(1, self.prefill_tokens // batch)
         for start in range(0, prompt, chunk):
             end = min(prompt, start + chunk)
-            logits = self._run(self.program.gm, ids[:, start:end], positions[:, start:end],
-                               torch.arange(start, end, device=ids.device), key_valid, caches)
-        return logits
+            out = self.run(self.program.gm, ids[:, start:end], positions[:, start:end],
+                           torch.arange(start, end, device=ids.device), key_valid, caches)
+        return out
 
     @torch.no_grad()
     def generate(
@@ -141,7 +189,11 @@ class Runtime:
         streamer: Any = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Prompt plus new tokens ``[batch, prompt + new]``; rows that finish early are padded as HF pads them."""
+        """Prompt plus new tokens ``[batch, prompt + new]``; rows that finish early are padded as HF pads them.
+
+        With MTP heads (``drafter``), every step verifies a drafted chain and keeps the longest prefix the model
+        agrees with (greedy), or runs speculative sampling (``do_sample``): the output is the model's own either way.
+        """
         ids, mask = _check_prompt(input_ids, attention_mask)
         batch, prompt = ids.shape
         new = _new_token_count(prompt, max_new_tokens, max_length)
@@ -154,9 +206,10 @@ class Runtime:
             )
         eos = _as_set(eos_token_id if eos_token_id is not None else self.eos_token_id)
         pad = self.pad_token_id if self.pad_token_id is not None else (min(eos) if eos else 0)
-        capacity = self.capacity_for(total)
         device = self.device
         ids, mask = ids.to(device), mask.to(device)
+        drafter = self.drafter if self.speculates(batch) else None
+        capacity = self.capacity_for(total if drafter is None else total + speculation_slots(drafter, batch))
         caches = self.program.new_caches(batch, capacity, device)
         key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         key_valid[:, :prompt] = mask.bool()
@@ -165,47 +218,65 @@ class Runtime:
         if not self.program.takes_attention_mask:
             key_valid[:, :prompt] = True  # a model that never sees padding attends to every token
 
-        out = torch.empty(batch, total, dtype=torch.long, device=device)
+        out = torch.full((batch, total), pad, dtype=torch.long, device=device)
         out[:, :prompt] = ids
-        done = torch.zeros(batch, dtype=torch.bool, device=device)
         sample = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p,
                   "generator": generator}
-        produced = 0
+        extra: dict[str, Any] = {"capacity": capacity}
+        if self.drafter is not None and drafter is None:
+            extra["mtp"] = (f"off: batch {batch} x {self.drafter.depth + 1} verified tokens exceeds max_verify_rows "
+                            f"{self.max_verify_rows}")
         with peak_memory(device) as peak:
             clock = Stopwatch(device)
-            logits = self._prefill(ids, positions, key_valid, caches)
-            next_token = choose_next(logits[:, -1], **sample)
+            first = self._prefill(ids, positions, key_valid, caches)
+            next_token = choose_next(first[0][:, -1], **sample)
             first_token_s = clock.lap()
-            step = self.decode_step()
-            last_position = positions[:, -1:]
-            for i in range(new):
-                next_token = torch.where(done, torch.full_like(next_token, pad), next_token)
-                out[:, prompt + i] = next_token
-                produced = i + 1
-                _stream(streamer, next_token)
-                if eos:
-                    done |= _is_eos(next_token, eos)
-                    if bool(done.all()):
-                        break
-                if i == new - 1:
-                    break
-                slot = prompt + i
-                key_valid[:, slot] = True
-                last_position = last_position + 1
-                logits = self._run(step, next_token.unsqueeze(-1), last_position,
-                                   torch.tensor([slot], device=device), key_valid, caches)
-                next_token = choose_next(logits[:, -1], **sample)
+            if drafter is None:
+                produced = self._decode_loop(out, prompt, next_token, positions[:, -1:], key_valid, caches, eos, pad,
+                                             sample, streamer)
+            else:
+                spec = Speculation(self, drafter, out, prompt, eos, pad, sample, streamer)
+                produced = spec.run(next_token, first[1][:, -1].contiguous(), positions, key_valid, caches)
+                extra.update(spec.stats())
             decode_s = clock.lap()
-        _stream_end(streamer)
+        stream_end(streamer)
         self.monitor.record(GenerationStats(
             batch=batch, prompt_tokens=prompt, new_tokens=produced, time_to_first_token_s=first_token_s,
             decode_s=decode_s, cache_bytes=sum(c.numel() * c.element_size() for c in caches),
-            peak_memory_bytes=peak[0], device=str(device), extra={"capacity": capacity},
+            peak_memory_bytes=peak[0], device=str(device), extra=extra,
         ))
         return out[:, :prompt + produced]
 
+    def _decode_loop(self, out: torch.Tensor, prompt: int, next_token: torch.Tensor, last_position: torch.Tensor,
+                     key_valid: torch.Tensor, caches: list[torch.Tensor], eos: set[int], pad: int,
+                     sample: dict[str, Any], streamer: Any) -> int:
+        """One token per step through the compiled decode step; returns how many new tokens were produced."""
+        batch, total = out.shape
+        new = total - prompt
+        done = torch.zeros(batch, dtype=torch.bool, device=out.device)
+        step = self.decode_step()
+        produced = 0
+        for i in range(new):
+            next_token = torch.where(done, torch.full_like(next_token, pad), next_token)
+            out[:, prompt + i] = next_token
+            produced = i + 1
+            stream(streamer, next_token)
+            if eos:
+                done |= is_eos(next_token, eos)
+                if bool(done.all()):
+                    break
+            if i == new - 1:
+                break
+            slot = prompt + i
+            key_valid[:, slot] = True
+            last_position = last_position + 1
+            logits = self.run(step, next_token.unsqueeze(-1), last_position, torch.tensor([slot], device=out.device),
+                              key_valid, caches)[0]
+            next_token = choose_next(logits[:, -1], **sample)
+        return produced
 
-def _compile_decode(gm: torch.fx.GraphModule, device: torch.device) -> Callable[..., Any]:
+
+def _compile_decode(gm: Callable[..., Any], device: torch.device) -> Callable[..., Any]:
     """CUDA: Inductor with CUDA graphs. CPU: Inductor with thin matmuls as fused reductions (see thin_matmul)."""
     if device.type == "cuda":
         return torch.compile(gm, dynamic=False, fullgraph=True, mode="reduce-overhead")
@@ -249,21 +320,3 @@ def _as_set(eos: int | list[int] | None) -> set[int]:
     if eos is None:
         return set()
     return {int(e) for e in eos} if isinstance(eos, (list, tuple, set)) else {int(eos)}
-
-
-def _is_eos(tokens: torch.Tensor, eos: set[int]) -> torch.Tensor:
-    return torch.isin(tokens, torch.tensor(sorted(eos), device=tokens.device))
-
-
-def _stream(streamer: Any, tokens: torch.Tensor) -> None:
-    if streamer is None:
-        return
-    if hasattr(streamer, "put"):
-        streamer.put(tokens.cpu())
-    else:
-        streamer(tokens.cpu())
-
-
-def _stream_end(streamer: Any) -> None:
-    if streamer is not None and hasattr(streamer, "end"):
-        streamer.end()

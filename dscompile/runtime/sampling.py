@@ -19,12 +19,10 @@ def check_sampling(do_sample: bool, temperature: float, top_k: int | None, top_p
         raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
 
 
-def choose_next(logits: torch.Tensor, *, do_sample: bool = False, temperature: float = 1.0,
-                top_k: int | None = None, top_p: float | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token per row of ``logits [batch, vocab]``, processed in HF's order: temperature, top-k, top-p."""
-    if not do_sample:
-        return logits.argmax(dim=-1)
+def probabilities(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """The sampling distribution over the last dim of ``logits``, processed in HF's order: temperature, top-k,
+    top-p."""
     scores = logits.float() / temperature
     if top_k is not None and top_k < scores.shape[-1]:
         kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
@@ -36,5 +34,19 @@ def choose_next(logits: torch.Tensor, *, do_sample: bool = False, temperature: f
         remove_sorted[..., -1:] = False  # keep at least the most likely token
         remove = remove_sorted.scatter(-1, order, remove_sorted)
         scores = scores.masked_fill(remove, float("-inf"))
-    probs = scores.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return scores.softmax(dim=-1)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One sample per row of ``probs [..., vocab]``."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, num_samples=1, generator=generator).reshape(probs.shape[:-1])
+
+
+def choose_next(logits: torch.Tensor, *, do_sample: bool = False, temperature: float = 1.0,
+                top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token per row of ``logits [batch, vocab]``: argmax, or a sample from :func:`probabilities`."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    return draw(probabilities(logits, temperature=temperature, top_k=top_k, top_p=top_p), generator)
