@@ -41,7 +41,7 @@ def test_optimize_main_job_on_smollm2(tmp_path, capsys):
 def test_optimize_with_mtp_trains_saves_and_speculates(tmp_path, capsys):
     heads = tmp_path / "heads.safetensors"
     code = cli.main(["optimize", "--model", "smollm2", "--profile", "mtp", "--lower", "eager", "--windows", "1",
-                     "--window", "64", "--calibration-tokens", "1024", "--mtp-minutes", "1.5", "--save-mtp",
+                     "--window", "64", "--calibration-tokens", "512", "--mtp-minutes", "0.5", "--save-mtp",
                      str(heads), "--generate", "24", "--json", str(tmp_path / "r.json")])
     assert code == 0
     printed = capsys.readouterr().out

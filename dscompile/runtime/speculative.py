@@ -124,7 +124,7 @@ class Speculation:
                 accepted, token = _shortest(accepted, token, drafts, self.done)
             active = torch.tensor([not d for d in self.done], device=key_valid.device)
             key_valid[:, slots] = (offsets[None] <= accepted[:, None]) & active[:, None]  # finished rows stop growing
-            pointer += int(accepted.max()) + 1
+            pointer += int(accepted[active].max()) + 1  # slots the furthest active row used
             last_position = last_position + accepted + 1
             hidden = states[torch.arange(states.shape[0], device=states.device), accepted]
             kept = torch.cat([drafts, token[:, None]], 1)
