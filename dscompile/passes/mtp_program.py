@@ -7,13 +7,12 @@ Plain decoding (one token) costs the same as before: the last position is the on
 
 from __future__ import annotations
 
+import torch
 from torch.fx import GraphModule, Node
 
 from ..errors import MatchError
 from .kv_cache import CachedProgram
 from .moe_plan import copy_module
-
-_SLICE_TARGETS = ("aten.slice.Tensor",)
 
 
 def expose_hidden(program: CachedProgram) -> None:
@@ -37,7 +36,7 @@ def _node(gm: GraphModule, name: str) -> Node:
 def _every_position(gm: GraphModule, name: str) -> str:
     """Undo the last-position slice before the LM head (see ``kv_cache._last_position_only``), if there is one."""
     node = _node(gm, name)
-    if node.op != "call_function" or str(node.target) not in _SLICE_TARGETS:
+    if node.target is not torch.ops.aten.slice.Tensor:
         return name
     source = node.args[0]
     assert isinstance(source, Node)

@@ -120,9 +120,9 @@ class Speculation:
                 accepted, token = accept_sampled(drafts, draft_probs, logits, self.sample)
             else:
                 accepted, token = accept_greedy(drafts, logits)
-            if program.slot_is_position:
-                accepted, token = _shortest(accepted, token, drafts, self.done)
             active = torch.tensor([not d for d in self.done], device=key_valid.device)
+            if program.slot_is_position:
+                accepted, token = _shortest(accepted, token, drafts, active)
             key_valid[:, slots] = (offsets[None] <= accepted[:, None]) & active[:, None]  # finished rows stop growing
             pointer += int(accepted[active].max()) + 1  # slots the furthest active row used
             last_position = last_position + accepted + 1
@@ -183,10 +183,9 @@ class Speculation:
 
 
 def _shortest(accepted: torch.Tensor, token: torch.Tensor, drafts: torch.Tensor,
-              done: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+              active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every row keeps the shortest prefix any active row kept; a row that kept more takes its next kept draft
     as its token (the model agreed with it). The loop runs only while some row is active."""
-    active = torch.tensor([not d for d in done], device=accepted.device)
     common = int(accepted[active].min())
     longer = accepted > common
     next_draft = drafts[:, min(common, drafts.shape[1] - 1)]
