@@ -71,11 +71,17 @@ class CapturedGraph:
     def placeholders(self) -> list[Node]:
         return [n for n in self.graph.nodes if n.op == "placeholder"]
 
+    def read_weights(self) -> list[WeightRef]:
+        """The weights some node still reads: a rewrite leaves the weights it replaced as unused placeholders (a
+        Dynamo graph's signature cannot change), which the model no longer reads."""
+        used = {n.name for n in self.graph.nodes if n.users}
+        return [ref for name, ref in self.weights.items() if name in used]
+
     def param_bytes(self) -> int:
         """Bytes of distinct weights the graph reads (tied weights counted once)."""
         seen: set[int] = set()
         total = 0
-        for ref in self.weights.values():
+        for ref in self.read_weights():
             if ref.tensor is None or id(ref.tensor) in seen:
                 continue
             seen.add(id(ref.tensor))
@@ -84,7 +90,7 @@ class CapturedGraph:
 
     def param_count(self) -> int:
         """Parameters (not buffers such as RoPE tables) the graph reads, tied ones counted once."""
-        return count_params(self.weights.values())
+        return count_params(self.read_weights())
 
     def runnable(self) -> bool:
         """True when every placeholder has a value, so the graph can be interpreted."""

@@ -20,7 +20,7 @@ from .data import token_batches, token_count
 from .errors import ConfigError
 from .evaluate import logits_of
 from .passes.kv_cache import CachedProgram, build_cached_program
-from .passes.mla_plan import calibration_windows
+from .passes.mla_plan import calibration_windows, fitting_window
 from .runtime.generate import prefill_logits
 
 if TYPE_CHECKING:
@@ -57,8 +57,8 @@ def heal(optimized: OptimizedModel, data: Any, tokenizer: Any = None, max_minute
     if token_count(batches) < MIN_HEAL_TOKENS:
         log.warning("healing on %d tokens: with fewer than %d the factors fit this text rather than the model; "
                     "pass more text", token_count(batches), MIN_HEAL_TOKENS)
-    windows = calibration_windows(batches, HEAL_WINDOW, rows=2)
     program = build_cached_program(optimized.original, logits="all")
+    windows = calibration_windows(batches, fitting_window(program, HEAL_WINDOW), rows=2)
     optimized.apply_plans(program)
     report = heal_program(program, optimized.original, windows, max_minutes=max_minutes, max_steps=max_steps, lr=lr,
                           progress=progress)

@@ -15,7 +15,7 @@ from .session import CompileSession
 
 
 def _distinct_params(graphs: list[Any], attr: str) -> int:
-    return count_params(ref for g in graphs for ref in getattr(g, attr).weights.values())
+    return count_params(ref for g in graphs for ref in getattr(g, attr).read_weights())
 
 
 def _plan_extra(session: CompileSession) -> dict[str, Any]:

@@ -134,7 +134,7 @@ def make_plan(config: MLAConfig, attentions: Sequence[AttentionMatch], grams: di
 
 def plan_program(program: mla.CachedProgram, config: MLAConfig, batches: Sequence[torch.Tensor]) -> MLAPlan:
     """Calibrate on ``batches`` of token ids through the runtime's program (before any latent rewrite) and plan."""
-    windows = calibration_windows(batches)
+    windows = calibration_windows(batches, fitting_window(program))
     grams = mla.calibrate(program, windows)
     return make_plan(config, program.matches.attention, grams, sum(w.numel() for w in windows))
 
@@ -149,6 +149,11 @@ def plan_graph(captured: CapturedGraph, attentions: Sequence[AttentionMatch], co
     by_layer = {i: grams[a.k.input.name] for i, a in enumerate(attentions) if a.k.input.name in grams}
     tokens = max(g.tokens for g in grams.values())
     return make_plan(config, attentions, by_layer, tokens)
+
+
+def fitting_window(program: mla.CachedProgram, window: int = CALIBRATION_WINDOW) -> int:
+    """``window``, or fewer tokens when the model has fewer positions (a learned position table)."""
+    return min(window, program.max_positions or window)
 
 
 def calibration_windows(batches: Sequence[torch.Tensor], window: int = CALIBRATION_WINDOW,

@@ -28,7 +28,7 @@ MAXVIO_TARGET = 0.05
 """Balance aimed for on calibration tokens; held-out text drifts, and the acceptance bound there is 0.1."""
 
 KMEANS_ROUNDS = 12
-BALANCE_STEPS = 400
+BALANCE_STEPS = 800
 
 
 @dataclass
@@ -45,6 +45,14 @@ class DenseRows:
 
     def neurons(self, x: torch.Tensor) -> torch.Tensor:
         return neuron_activations(x, self.gate, self.up, self.gate_bias, self.up_bias, self.activation)
+
+    def float(self) -> DenseRows:
+        """The rows in float32: calibration math runs in fp32 whatever the model's dtype."""
+        def f(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.float()
+
+        return DenseRows(f(self.gate), self.up.float(), self.down.float(), f(self.gate_bias), f(self.up_bias),
+                         f(self.down_bias), self.activation)
 
 
 @dataclass
@@ -141,15 +149,19 @@ def dense_rows(ffn: FFNMatch, x: torch.Tensor, a: torch.Tensor) -> DenseRows | s
     for rows in row_readings(ffn):
         if rows.up.shape[0] != a.shape[-1]:
             continue
-        err = (rows.neurons(x) - a).abs().max().item()
+        # a wrong reading is off by the activations' own size; a right one by the model dtype's rounding
+        tolerance = max(1e-4, 16 * torch.finfo(rows.up.dtype).eps)
+        err = (rows.float().neurons(x.float()) - a.float()).abs().max().item()
         worst = min(worst, err)
-        if err <= 1e-4 * max(a.abs().max().item(), 1.0):
+        if err <= tolerance * max(a.abs().max().item(), 1.0):
             return rows
     return f"the carved neurons do not reproduce the FFN's activations (max error {worst:.3g})"
 
 
 def carve(ffn_rows: DenseRows, x: torch.Tensor, a: torch.Tensor, config: MoEConfig) -> CarvedFFN:
     """Experts for one FFN from ``x`` (``[tokens, hidden]`` inputs) and ``a`` (``[tokens, neurons]`` activations)."""
+    dtype = ffn_rows.up.dtype
+    ffn_rows, x, a = ffn_rows.float(), x.float(), a.float()
     n = ffn_rows.up.shape[0]
     width = check_split(n, config)
     contrib = a.abs() * ffn_rows.down.norm(dim=1)
@@ -163,12 +175,12 @@ def carve(ffn_rows: DenseRows, x: torch.Tensor, a: torch.Tensor, config: MoEConf
     order = torch.cat([shared, experts.reshape(-1)])
     router, bias = fit_router(x, contrib[:, experts].sum(-1))
     bias, load = balance(x, router, bias, config.top_k)
-    routed = _block(ffn_rows, experts)
+    routed = _block(ffn_rows, experts, dtype)
     return CarvedFFN(
-        shared=_block(ffn_rows, shared, linear_down=True) if n_shared else None,
-        experts=routed, down_t=_parameter(routed[2].reshape(-1, routed[2].shape[-1]).T),
-        router=_parameter(router), router_bias=_parameter(bias),
-        down_bias=None if ffn_rows.down_bias is None else _parameter(ffn_rows.down_bias),
+        shared=_block(ffn_rows, shared, dtype, linear_down=True) if n_shared else None,
+        experts=routed, down_t=_parameter(routed[2].reshape(-1, routed[2].shape[-1]).T, dtype),
+        router=_parameter(router, dtype), router_bias=_parameter(bias, dtype),
+        down_bias=None if ffn_rows.down_bias is None else _parameter(ffn_rows.down_bias, dtype),
         top_k=config.top_k, activation=ffn_rows.activation, order=order, load=load,
     )
 
@@ -258,15 +270,15 @@ def balance(x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor, top_k: in
     return best[1], best[2]
 
 
-def _block(rows: DenseRows, ids: torch.Tensor, linear_down: bool = False) -> tuple:
-    """The rows of neurons ``ids`` (``[n]`` shared or ``[experts, m]`` routed) as new parameters; with
-    ``linear_down`` the down weights in ``nn.Linear`` layout ``[hidden, n]``."""
+def _block(rows: DenseRows, ids: torch.Tensor, dtype: torch.dtype, linear_down: bool = False) -> tuple:
+    """The rows of neurons ``ids`` (``[n]`` shared or ``[experts, m]`` routed) as new parameters of ``dtype``;
+    with ``linear_down`` the down weights in ``nn.Linear`` layout ``[hidden, n]``."""
     def take(t: torch.Tensor | None) -> torch.nn.Parameter | None:
-        return None if t is None else _parameter(t[ids])
+        return None if t is None else _parameter(t[ids], dtype)
 
-    down = _parameter(rows.down[ids].T) if linear_down else take(rows.down)
+    down = _parameter(rows.down[ids].T, dtype) if linear_down else take(rows.down)
     return take(rows.gate), take(rows.up), down, take(rows.gate_bias), take(rows.up_bias)
 
 
-def _parameter(t: torch.Tensor) -> torch.nn.Parameter:
-    return torch.nn.Parameter(t.detach().contiguous().clone(), requires_grad=False)
+def _parameter(t: torch.Tensor, dtype: torch.dtype) -> torch.nn.Parameter:
+    return torch.nn.Parameter(t.detach().to(dtype).contiguous().clone(), requires_grad=False)

@@ -196,9 +196,9 @@ def record_ffns(program: CachedProgram, batches: Sequence[torch.Tensor],
     """Inputs and activations of ``program``'s FFNs (by node name) over ``batches`` of token ids, cut into
     calibration windows and strided down to ``MAX_ROWS`` tokens; and how many tokens were seen."""
     from ..runtime.generate import prefill_logits
-    from .mla_plan import calibration_windows
+    from .mla_plan import calibration_windows, fitting_window
 
-    windows = calibration_windows(batches)
+    windows = calibration_windows(batches, fitting_window(program))
     tokens = sum(w.numel() for w in windows)
 
     def run() -> None:
