@@ -114,6 +114,14 @@ class OptimizedModel(torch.nn.Module):
         """Save the trained MTP heads (safetensors); load them with profile ``{"mtp": {"heads": path}}``."""
         self.mtp_heads().save(path)
 
+    def save(self, path: str, *, source: str | None = None) -> None:
+        """Save the profile, the rewrites (MLA factors, MoE experts, healed or not) and trained MTP heads to the
+        folder ``path``; :func:`dscompile.load_optimized` rebuilds the model from it without calibrating.
+        ``source`` names the model to load when none is passed then (an embedded name or a checkpoint folder)."""
+        from .saved import save_optimized
+
+        save_optimized(self, path, source=source)
+
     @property
     def monitor(self) -> Monitor:
         """Time to first token, decode tokens/s, cache bytes and peak memory of every ``generate`` call."""
@@ -177,22 +185,28 @@ def optimize(
                     token_count(batches), MIN_CALIBRATION_TOKENS)
     if example_inputs is None and batches is not None:
         example_inputs = batches[0][:1, :128]
-    args, kwargs = split_inputs(example_inputs)
+    split_inputs(example_inputs)  # bad example inputs fail before calibration
     optimized = OptimizedModel(model, resolved, lower=lower, fallback=fallback, dynamic=dynamic)
     if (resolved.mla is not None or resolved.moe is not None) and batches is not None:
         optimized.plan(batches)
+    compile_once(optimized, example_inputs)
+    log.info("optimize: profile %s, %s", resolved.name, optimized.matches())
+    return optimized
+
+
+def compile_once(optimized: OptimizedModel, example_inputs: Any) -> None:
+    """Run ``optimized`` once on ``example_inputs`` so the backend compiles it, and check what it found."""
+    args, kwargs = split_inputs(example_inputs)
     with torch.no_grad():
         optimized(*args, **kwargs)
+    model = optimized.original
     if optimized.session.empty:
         raise CaptureError(
             f"torch.compile ran {type(model).__name__} without calling the deepseek_opt backend (Dynamo's recompile "
             "limit for this model class is probably reached); call torch._dynamo.reset() or raise "
             "torch._dynamo.config.recompile_limit, then optimize again"
         )
-    matches = optimized.matches()
-    check_causal_lm(model, matches)
-    log.info("optimize: profile %s, %s", resolved.name, matches)
-    return optimized
+    check_causal_lm(model, optimized.matches())
 
 
 def check_causal_lm(model: torch.nn.Module, matches: MatchSet) -> None:

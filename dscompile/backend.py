@@ -11,6 +11,7 @@ from typing import Any
 from torch.fx import GraphModule
 
 from .capture import from_dynamo
+from .debug_dump import dump_compiled
 from .errors import ConfigError
 from .lower import TARGETS, lower_graph
 from .passes.base import PassContext
@@ -80,7 +81,9 @@ def deepseek_opt(
     matches_after = match_all(captured) if profile.rewrites else matches
     compiled = lower_graph(gm, example_inputs, opts.lower, mode=mode, fallback=opts.fallback)
     seconds = time.perf_counter() - start
-    session.record(CompiledGraph(before, captured, matches, matches_after, results, opts.lower, seconds))
+    record = CompiledGraph(before, captured, matches, matches_after, results, opts.lower, seconds)
+    session.record(record)
+    dump_compiled(record)
     log.info("deepseek_opt: graph compiled with %s in %.2f s", opts.lower, seconds)
     return compiled
 

@@ -100,7 +100,7 @@ def test_optimize_mla_calibrates_on_text_it_does_not_score_and_heals(tmp_path, c
     out = tmp_path / "result.json"
     code = cli.main(["optimize", "--model", "smollm2", "--profile", "mla", "--lower", "eager", "--windows", "2",
                      "--window", "64", "--calibration-tokens", "2560", "--heal-minutes", "0.05", "--generate", "4",
-                     "--json", str(out)])
+                     "--save", str(tmp_path / "saved"), "--json", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "KV bytes per token   46,080 -> 23,040" in printed
@@ -109,3 +109,7 @@ def test_optimize_mla_calibrates_on_text_it_does_not_score_and_heals(tmp_path, c
     assert report["mla_calibration_tokens"] == 2560 and set(report["mla_ranks"].values()) == {192}
     assert 1.0 < result["after"]["perplexity"] / result["before"]["perplexity"] < 1.5
     assert result["generation"]["cache_bytes"] == 23_048 * result["generation"]["extra"]["capacity"]
+    import dscompile  # the saved folder names its source, so it loads without calibrating or healing again
+
+    loaded = dscompile.load_optimized(tmp_path / "saved", lower="eager").report().to_dict()
+    assert loaded["mla_ranks"] == report["mla_ranks"] and loaded["kv_bytes_per_token_after"] == 23_040
