@@ -21,11 +21,15 @@ from .errors import (
     UnsupportedError,
 )
 from .heal import HealReport, heal
+from .live import LiveMonitor
 from .log import configure as configure_logging
 from .lower.onnx import export_onnx
+from .lower.onnx_runtime import export_onnx_runtime, onnx_generate
 from .patterns import MatchSet
 from .profile import PRESETS, MLAConfig, MoEConfig, MTPConfig, Profile, load_profile_file
 from .report import Report
+from .report_html import save_plots, write_html_report
+from .saved import load_optimized
 from .train_mtp import MTPTrainReport, train_mtp
 
 __version__ = "0.1.0"
@@ -34,7 +38,10 @@ __all__ = [
     "PRESETS", "CacheError", "CaptureError", "ConfigError", "DscompileError", "GraphDiff", "HealReport",
     "LoweringError", "MLAConfig", "MTPConfig", "MTPTrainReport", "MatchError", "MatchSet", "MoEConfig",
     "ModelNotFoundError", "OptimizedModel", "Profile", "Report", "UnsupportedError", "configure_logging",
-    "deepseek_opt", "diff", "export_onnx", "heal", "inspect", "load_profile_file", "models", "optimize", "train_mtp",
+    "deepseek_opt", "diff", "export_onnx", "heal", "inspect", "load_optimized", "load_profile_file", "models",
+    "optimize", "train_mtp",
+    "LiveMonitor", "save_plots", "write_html_report",
+    "export_onnx_runtime", "onnx_generate",
 ]
 
 configure_logging()

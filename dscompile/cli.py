@@ -45,10 +45,26 @@ def _parser() -> argparse.ArgumentParser:
     p_opt.add_argument("--mtp-minutes", type=float, default=0.0,
                        help="MTP profiles: train the heads this long on continuations of the calibration text")
     p_opt.add_argument("--save-mtp", default=None, help="MTP profiles: save the trained heads to this file")
+    p_opt.add_argument("--save", default=None, metavar="DIR",
+                       help="save the optimized model (profile, rewrites, trained heads) for dscompile.load_optimized")
+    p_opt.add_argument("--report", default=None, metavar="PATH.html",
+                       help="write a self-contained HTML report with plots (KV rank, expert load, MTP acceptance)")
+    p_opt.add_argument("--png-dir", default=None, metavar="DIR", help="also write the report's plots as PNG files")
+    p_opt.add_argument("--monitor", action="store_true",
+                       help="show live tokens/s, cache bytes, acceptance and expert load on stderr while generating")
 
-    p_onnx = sub.add_parser("export-onnx", help="export token ids -> logits to ONNX, checked in onnxruntime")
+    p_onnx = sub.add_parser("export-onnx", help="export token ids -> logits, or the optimized runtime, to ONNX, "
+                            "checked in onnxruntime")
     model_args(p_onnx)
-    p_onnx.add_argument("--out", required=True, help="the .onnx file to write")
+    p_onnx.add_argument("--out", required=True,
+                        help="the .onnx file to write (forward), or the folder (runtime: a profile with rewrites, or "
+                             "--runtime)")
+    p_onnx.add_argument("--profile", default="none", help="a preset name or a .toml/.yaml profile file")
+    p_onnx.add_argument("--runtime", action="store_true",
+                        help="export the generation runtime (prefill, decode and MTP draft graphs with the KV cache "
+                             "as inputs and outputs) even for profile none; run it with dscompile.onnx_generate")
+    p_onnx.add_argument("--calibration-tokens", type=int, default=8192,
+                        help="tokens of held-out text that MLA/MoE rewrites are fitted to")
     return parser
 
 
@@ -155,6 +171,9 @@ def _optimize(args: argparse.Namespace) -> dict[str, Any]:
             raise DscompileError("--save-mtp needs a profile with MTP")
         optimized.save_mtp(args.save_mtp)
         print(f"wrote {args.save_mtp}")
+    if args.save:
+        optimized.save(args.save, source=args.model)
+        print(f"wrote {args.save}")
     after = _measure("optimized", optimized, batches)
     report = optimized.report().to_dict()
     print(optimized.report().diff)
@@ -172,17 +191,42 @@ def _optimize(args: argparse.Namespace) -> dict[str, Any]:
     result = {"profile": profile.to_dict(), "before": before, "after": after, "compile_seconds": compile_s,
               "report": report}
     if args.generate > 0:
-        result["generation"] = _generate(optimized, tokenizer, args.generate)
+        result["generation"] = _generate(optimized, tokenizer, args.generate, monitor=args.monitor)
+    if args.report or args.png_dir:
+        _write_report(args, optimized, profile.name, rows, result.get("generation"))
     return result
 
 
-def _generate(optimized: Any, tokenizer: Any, new_tokens: int) -> dict[str, Any]:
-    """Greedy generation in the runtime that owns the KV cache, with the monitor's figures."""
+def _write_report(args: argparse.Namespace, optimized: Any, profile: str, rows: list[tuple[Any, ...]],
+                  generation: dict[str, Any] | None) -> None:
+    """The HTML report and/or PNG plots; the report is taken after generation, so MTP acceptance is in it."""
+    from .report_html import save_plots, write_html_report
+
+    report = optimized.report()
+    if args.report:
+        title = f"dscompile report: {args.model}, profile {profile}, lowered with {args.lower}"
+        write_html_report(report, args.report, table=rows, generation=generation, png_dir=args.png_dir, title=title)
+        print(f"wrote {args.report}")
+        if args.png_dir:
+            print(f"wrote plots to {args.png_dir}")
+    else:
+        paths = save_plots(report, args.png_dir, generation=generation)
+        print(f"wrote {len(paths)} plot(s) to {args.png_dir}")
+
+
+def _generate(optimized: Any, tokenizer: Any, new_tokens: int, *, monitor: bool = False) -> dict[str, Any]:
+    """Greedy generation in the runtime that owns the KV cache, with the monitor's figures (and, with ``monitor``,
+    a live status line on stderr while it runs)."""
     prompt = "def fibonacci(n):"
     ids = torch.tensor([tokenizer(prompt)["input_ids"]], dtype=torch.long)
     log.info("compiling the decode step, then generating %d tokens", new_tokens)
     optimized.runtime().warm_up(ids.shape[0], ids.shape[1] + new_tokens)  # compile time is not decode time
-    out = optimized.generate(ids, max_new_tokens=new_tokens)
+    streamer = None
+    if monitor:
+        from .live import LiveMonitor
+
+        streamer = LiveMonitor.for_model(optimized, sys.stderr, prompt_tokens=ids.shape[1])
+    out = optimized.generate(ids, max_new_tokens=new_tokens, streamer=streamer)
     stats = optimized.monitor.last
     print(f"\ngenerated: {tokenizer.decode(out[0, ids.shape[1]:])!r}")
     print(f"generation: {stats}")
@@ -191,13 +235,25 @@ def _generate(optimized: Any, tokenizer: Any, new_tokens: int) -> dict[str, Any]
 
 def _export_onnx(args: argparse.Namespace) -> dict[str, Any]:
     from .lower.onnx import export_onnx
+    from .profile import resolve_profile
 
+    profile = resolve_profile(args.profile)  # a bad profile fails before the model loads
     model, tokenizer = _load(args.model)
-    checks = export_onnx(model, args.out, example_inputs=_example(tokenizer))
+    runtime = args.runtime or bool(profile.rewrites)
+    if runtime:
+        from .lower.onnx_runtime import export_onnx_runtime
+
+        calibration = _calibration(tokenizer, 0, args.calibration_tokens) \
+            if profile.mla is not None or profile.moe is not None else None
+        checks = export_onnx_runtime(model, args.out, profile, calibration, _example(tokenizer))
+    else:
+        checks = export_onnx(model, args.out, example_inputs=_example(tokenizer))
     for c in checks:
-        print(f"onnxruntime shape {c.shape}: max abs diff {c.max_abs_diff:.2e}")
-    print(f"wrote {args.out}")
-    return {"path": args.out, "checks": [{"shape": list(c.shape), "max_abs_diff": c.max_abs_diff} for c in checks]}
+        where = f"{c.graph} " if runtime else ""
+        print(f"onnxruntime {where}shape {c.shape}: max abs diff {c.max_abs_diff:.2e}")
+    print(f"wrote {args.out}" + (" (run it with dscompile.onnx_generate)" if runtime else ""))
+    return {"path": args.out, "runtime": runtime,
+            "checks": [{"graph": c.graph, "shape": list(c.shape), "max_abs_diff": c.max_abs_diff} for c in checks]}
 
 
 _COMMANDS = {"inspect": _inspect, "optimize": _optimize, "export-onnx": _export_onnx}

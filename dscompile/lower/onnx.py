@@ -47,10 +47,11 @@ class LogitsOnly(torch.nn.Module):
 
 @dataclass
 class OnnxCheck:
-    """What the onnxruntime check saw at one input shape."""
+    """What the onnxruntime check saw at one input shape (of one graph, for a runtime export)."""
 
     shape: tuple[int, ...]
     max_abs_diff: float
+    graph: str = "forward"
 
 
 def export_onnx(
@@ -66,18 +67,24 @@ def export_onnx(
     """Export ``model`` (``input_ids -> logits``, batch and sequence dynamic) to ``path`` and verify it.
 
     Returns the per-shape checks. Nothing is written at ``path`` unless onnxruntime ran every shape in
-    ``check_shapes`` within ``atol`` of PyTorch.
+    ``check_shapes`` within ``atol`` of PyTorch. An :class:`~dscompile.OptimizedModel` exports its generation
+    runtime instead, to the folder ``path`` (see :func:`.onnx_runtime.export_onnx_runtime`).
     """
+    from ..api import OptimizedModel
     from ..profile import resolve_profile
 
+    if isinstance(model, OptimizedModel):
+        from .onnx_runtime import export_onnx_runtime
+
+        return export_onnx_runtime(model, path, atol=atol, opset=opset)
     check_model(model)
     resolved = resolve_profile(profile)
     if resolved.rewrites:
         from ..errors import UnsupportedError
 
         raise UnsupportedError(
-            f"ONNX export of profile {resolved.name!r} needs the optimized runtime's export, which this version "
-            "does not have yet; export with profile='none'"
+            f"export_onnx writes the plain forward (profile='none'); profile {resolved.name!r} rewrites the model, "
+            "so export its generation runtime: dscompile.export_onnx_runtime(model, out_dir, profile, calibration)"
         )
     if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() != 2:
         raise ConfigError("export_onnx needs example_inputs: a [batch, seq] LongTensor of token ids")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,6 +19,13 @@ def stream(streamer: Any, tokens: torch.Tensor) -> None:
         streamer.put(tokens.cpu())
     else:
         streamer(tokens.cpu())
+
+
+def stream_stats(streamer: Any, stats: Callable[[], dict[str, Any]]) -> None:
+    """Hand decoding statistics so far to a streamer that asks for them (a live monitor defines ``put_stats``);
+    ``stats`` is called only then, so plain streamers cost nothing."""
+    if streamer is not None and hasattr(streamer, "put_stats"):
+        streamer.put_stats(stats())
 
 
 def stream_end(streamer: Any) -> None:

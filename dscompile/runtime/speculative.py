@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import ConfigError
-from .emit import stream
+from .emit import stream, stream_stats
 from .sampling import draw, probabilities
 
 if TYPE_CHECKING:
@@ -131,6 +131,7 @@ class Speculation:
             kept[torch.arange(kept.shape[0]), accepted] = token
             self._record(accepted)
             self._emit(kept, accepted + 1)
+            stream_stats(self.streamer, self.stats)
         return max(self.count)
 
     def _draft(self, hidden: torch.Tensor, token: torch.Tensor, sampling: bool) -> tuple[torch.Tensor, Any]:
