@@ -5,5 +5,5 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/bootstrap.sh"
 cd "$root"
 export TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0
-.venv/bin/ruff check dscompile tests bench
+.venv/bin/ruff check dscompile tests bench examples
 exec .venv/bin/pytest --cov=dscompile --cov-report=term --cov-fail-under=90 "$@"

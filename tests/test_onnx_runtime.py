@@ -162,14 +162,3 @@ def test_a_failed_export_leaves_nothing(tmp_path, monkeypatch):
         dscompile.export_onnx_runtime(opt, tmp_path / "file")
     with pytest.raises(UnsupportedError, match="export_onnx_runtime"):
         dscompile.export_onnx(tiny_llama(), tmp_path / "x.onnx", profile="mla", example_inputs=ids())
-
-
-@pytest.mark.slow
-def test_smollm2_runtime_in_onnxruntime_generates_the_same_tokens(smollm2, tmp_path):
-    model, tokenizer = smollm2
-    x = torch.tensor([tokenizer("def fibonacci(n):")["input_ids"]])
-    opt = dscompile.optimize(model, "none", example_inputs=x, lower="eager")
-    checks = dscompile.export_onnx_runtime(opt, tmp_path / "smollm2")
-    assert [c.graph for c in checks] == ["prefill", "prefill"]
-    expected = opt.generate(x, max_new_tokens=16)
-    assert torch.equal(dscompile.onnx_generate(tmp_path / "smollm2", x, max_new_tokens=16), expected)
