@@ -32,7 +32,6 @@ log = logging.getLogger("dscompile")
 
 FORMAT = "dscompile-optimized/1"
 MANIFEST, REWRITES, HEADS = "manifest.json", "rewrites.safetensors", "mtp.safetensors"
-_PARTS = ("gate", "up", "down", "gate_bias", "up_bias")
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -238,20 +237,10 @@ def _load_moe(saved: dict[str, Any], config: MoEConfig | None, addresses: _Addre
     for i, layer in enumerate(saved["layers"]):
         prefix = f"moe.{i}"
         own = {name: _parameter(tensors[f"{prefix}.{name}"]) for name in layer["tensors"]}
-        down_t = own["down_t"]
-        routed_shape = (*own["experts_up"].shape[:2], down_t.shape[0])
-        own["experts_down"] = _parameter(down_t.T.reshape(routed_shape))
-
         key = (addresses.pointer(layer["down"]), tuple(layer["down_shape"]))
-        plan.layers[key] = CarvedFFN(
-            shared=_group(own, "shared") if layer["shared"] else None, experts=_group(own, "experts"), down_t=down_t,
-            router=own["router"], router_bias=own["router_bias"], down_bias=own.get("down_bias"),
-            top_k=layer["top_k"], activation=layer["activation"], order=tensors[f"{prefix}.order"],
-            load=list(layer["load"]))
+        plan.layers[key] = CarvedFFN.from_params(own, shared=layer["shared"], top_k=layer["top_k"],
+                                                 activation=layer["activation"], order=tensors[f"{prefix}.order"],
+                                                 load=list(layer["load"]))
         plan.names[key] = layer["layer"]
     return plan
 
-
-def _group(tensors: dict[str, torch.nn.Parameter], part: str) -> tuple:
-    """``(gate, up, down, gate_bias, up_bias)`` of the shared or routed experts, None where a part is absent."""
-    return tuple(tensors.get(f"{part}_{p}") for p in _PARTS)

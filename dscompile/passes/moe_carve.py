@@ -14,7 +14,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -29,6 +31,16 @@ MAXVIO_TARGET = 0.05
 
 KMEANS_ROUNDS = 12
 BALANCE_STEPS = 800
+
+
+PARTS = ("gate", "up", "down", "gate_bias", "up_bias")
+"""The parts of a block of experts, in the order :func:`.moe_ops.moe_ffn` reads them."""
+
+
+def group(params: Mapping[str, Any], prefix: str) -> tuple:
+    """``(gate, up, down, gate_bias, up_bias)`` of the ``shared`` or ``experts`` block in ``params`` (None where
+    a part is absent)."""
+    return tuple(params.get(f"{prefix}_{p}") for p in PARTS)
 
 
 @dataclass
@@ -82,12 +94,24 @@ class CarvedFFN:
 
     def params(self) -> dict[str, torch.Tensor | None]:
         """Every tensor the carved FFN reads, by a stable name (``shared_up``, ``router`` ...)."""
-        parts = ("gate", "up", "down", "gate_bias", "up_bias")
-        out: dict[str, torch.Tensor | None] = {f"experts_{p}": t for p, t in zip(parts, self.experts)}
+        out: dict[str, torch.Tensor | None] = {f"experts_{p}": t for p, t in zip(PARTS, self.experts)}
         if self.shared is not None:
-            out.update({f"shared_{p}": t for p, t in zip(parts, self.shared)})
+            out.update({f"shared_{p}": t for p, t in zip(PARTS, self.shared)})
         out.update(down_t=self.down_t, router=self.router, router_bias=self.router_bias, down_bias=self.down_bias)
         return out
+
+    @classmethod
+    def from_params(cls, params: dict[str, torch.nn.Parameter], *, shared: bool, top_k: int, activation: str,
+                    order: torch.Tensor, load: list[float]) -> CarvedFFN:
+        """The inverse of :meth:`params` (missing parts are None); the routed down rows, a second layout of
+        ``down_t``, are rebuilt from it when absent."""
+        if "experts_down" not in params:
+            down_t = params["down_t"]
+            rows = down_t.detach().T.reshape(*params["experts_up"].shape[:2], down_t.shape[0]).contiguous()
+            params = {**params, "experts_down": torch.nn.Parameter(rows, requires_grad=False)}
+        return cls(shared=group(params, "shared") if shared else None, experts=group(params, "experts"),
+                   down_t=params["down_t"], router=params["router"], router_bias=params["router_bias"],
+                   down_bias=params.get("down_bias"), top_k=top_k, activation=activation, order=order, load=load)
 
     def sync_rows(self) -> None:
         """Copy ``down_t`` into the routed down rows: healing trains the masked formulation (prefill), which reads

@@ -20,7 +20,7 @@ from ..capture import CapturedGraph, node_value
 from ..patterns import FFNMatch
 from ..profile import MoEConfig
 from .kv_cache import CachedProgram
-from .moe_carve import CarvedFFN, DenseRows, carve, check_split, dense_rows, unsupported_reason
+from .moe_carve import CarvedFFN, DenseRows, carve, check_split, dense_rows, group, unsupported_reason
 from .moe_ops import moe_ffn
 
 log = logging.getLogger("dscompile")
@@ -33,7 +33,6 @@ MIN_ROWS_PER_WIDTH = 4
 """Calibration tokens wanted per hidden feature, for the router's regression."""
 
 Key = tuple[int, tuple[int, ...]]
-_PARTS = ("gate", "up", "down", "gate_bias", "up_bias")
 
 
 def ffn_key(ffn: FFNMatch) -> Key | None:
@@ -131,12 +130,8 @@ def rewrite_ffn(gm: GraphModule, x: Node, down: Node, carved: CarvedFFN, prefix:
                 gm.register_parameter(f"{prefix}_{name}", tensor)
             attrs[name] = graph.get_attr(f"{prefix}_{name}")
             attrs[name].meta["val"] = tensor
-
-        def group(part: str) -> tuple:
-            return tuple(attrs.get(f"{part}_{p}") for p in _PARTS)
-
         node = graph.call_function(moe_ffn, (
-            x, group("shared") if carved.shared is not None else None, group("experts"), attrs["down_t"],
+            x, group(attrs, "shared") if carved.shared is not None else None, group(attrs, "experts"), attrs["down_t"],
             attrs["router"], attrs["router_bias"], attrs.get("down_bias"), carved.top_k, carved.activation, gathered))
     node.meta["val"] = node_value(down)
     down.replace_all_uses_with(node)
