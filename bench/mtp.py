@@ -3,6 +3,7 @@ batch against the same runtime without MTP, in one run.
 
 Usage: .venv/bin/python bench/mtp.py [--depths 1,2,3,4] [--batches 1,8] [--train-minutes 40] [--prompts 512]
                                      [--heads bench/results/mtp_heads.safetensors] [--retrain] [--new 128]
+                                     [--speculation always|adaptive]
 
 Training data: prompts cut from the first part of Python's documentation topics (pydoc_data) and from the standard
 library's ``collections``, ``json`` and ``argparse`` sources, continued by the model itself (``train_mtp`` does
@@ -86,12 +87,15 @@ def main() -> None:
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--train-only", action="store_true", help="train and save the heads, measure nothing")
     parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--speculation", choices=("always", "adaptive"), default="always",
+                        help="always: every step drafts (the heads' own figures); adaptive: the runtime's gate")
     parser.add_argument("--out", default="bench/results/mtp.json")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer = models.load("smollm2")
     docs, train_code, held_code = _texts(tokenizer)
-    result: dict = {"machine": platform.platform(), "threads": torch.get_num_threads(), "new_tokens": args.new}
+    result: dict = {"machine": platform.platform(), "threads": torch.get_num_threads(), "new_tokens": args.new,
+                    "speculation": args.speculation}
     if args.retrain or not Path(args.heads).is_file():
         result["training"] = train(model, docs, train_code, args)
         Path(args.heads).with_suffix(".json").write_text(json.dumps(result["training"], indent=2))
@@ -105,7 +109,8 @@ def main() -> None:
         print(f"batch {batch} without MTP: {base['decode_tok_s']:.1f} tok/s", flush=True)
         for depth in (int(d) for d in args.depths.split(",")):
             torch._dynamo.reset()
-            opt = dscompile.optimize(model, {"mtp": {"depth": depth, "heads": args.heads}},
+            opt = dscompile.optimize(model, {"mtp": {"depth": depth, "heads": args.heads,
+                                                     "speculation": args.speculation}},
                                      example_inputs=prompts[:1, :16])
             out, row = speed(opt, prompts, args.new)
             same = (out == base_out).all(dim=1)

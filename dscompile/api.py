@@ -87,7 +87,7 @@ class OptimizedModel(torch.nn.Module):
             self._runtime = Runtime(
                 program, lower="eager" if self.lower == "eager" else "inductor", max_positions=program.max_positions,
                 pad_token_id=getattr(config, "pad_token_id", None), eos_token_id=getattr(config, "eos_token_id", None),
-                drafter=drafter,
+                drafter=drafter, speculation=self.profile.mtp.speculation if self.profile.mtp else "adaptive",
             )
         return self._runtime
 

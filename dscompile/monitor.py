@@ -53,7 +53,10 @@ class GenerationStats:
         if "mtp_tokens_per_step" not in self.extra:
             return ""
         kept = ", ".join(f"{a:.2f}" for a in self.extra["mtp_acceptance"])
-        return f", MTP {self.extra['mtp_tokens_per_step']:.2f} tokens/step (drafts kept by position: {kept})"
+        plain = self.extra.get("mtp_plain_steps", 0)
+        gated = f"; {plain} plain steps where drafting did not pay" if plain else ""
+        return (f", MTP {self.extra['mtp_tokens_per_step']:.2f} tokens/step (drafts kept by position: {kept}"
+                f"{gated})")
 
 
 class Monitor:

@@ -77,6 +77,7 @@ class MTPConfig:
     head: str = "deepseek"  # "deepseek" (norm + concat + FFN block) or "medusa" (residual head)
     draft_vocab: int = 4096  # drafts are projected onto this many of the most predicted tokens
     heads: str | None = None  # a safetensors file of trained heads (OptimizedModel.save_mtp), loaded when set
+    speculation: str = "adaptive"  # "adaptive": draft only while it pays (runtime.gate); "always": every step
 
     def __post_init__(self) -> None:
         if not isinstance(self.depth, int) or self.depth < 1:
@@ -85,6 +86,8 @@ class MTPConfig:
             raise ConfigError(f"mtp.head must be 'deepseek' or 'medusa', got {self.head!r}")
         if not isinstance(self.draft_vocab, int) or self.draft_vocab < 16:
             raise ConfigError(f"mtp.draft_vocab must be an integer of at least 16, got {self.draft_vocab!r}")
+        if self.speculation not in ("adaptive", "always"):
+            raise ConfigError(f"mtp.speculation must be 'adaptive' or 'always', got {self.speculation!r}")
 
 
 @dataclass(frozen=True)

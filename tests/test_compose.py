@@ -13,8 +13,9 @@ import dscompile
 from dscompile.evaluate import logits_of
 
 # Full K/V rank, every routed expert active: each rewrite computes what the original does.
-EXACT = {"mla": {"kv_ratio": 0.999}, "moe": {"n_experts": 8, "n_shared": 2, "top_k": 6}, "mtp": {"depth": 2}}
-LOSSY = {"mla": {"kv_ratio": 0.5}, "moe": {"n_experts": 8, "n_shared": 2, "top_k": 2}, "mtp": {"depth": 2}}
+MTP = {"depth": 2, "speculation": "always"}  # drafts at every step, so the tests see speculation take effect
+EXACT = {"mla": {"kv_ratio": 0.999}, "moe": {"n_experts": 8, "n_shared": 2, "top_k": 6}, "mtp": MTP}
+LOSSY = {"mla": {"kv_ratio": 0.5}, "moe": {"n_experts": 8, "n_shared": 2, "top_k": 2}, "mtp": MTP}
 
 
 def calibration(vocab: int, seed: int = 3) -> torch.Tensor:

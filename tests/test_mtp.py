@@ -41,6 +41,8 @@ def noisy(heads: MTPHeads, rate: float = 0.35, seed: int = 0) -> None:
 
 
 def mtp_model(model: torch.nn.Module, x: torch.Tensor, depth: int = 3, **mtp: object) -> dscompile.OptimizedModel:
+    """MTP that drafts at every step unless ``speculation`` says otherwise (the acceptance figures stay exact)."""
+    mtp = {"speculation": "always", **mtp}
     return dscompile.optimize(model, {"mtp": {"depth": depth, **mtp}}, example_inputs=x, lower="eager")
 
 
@@ -93,9 +95,13 @@ def test_varied_model_batch_eight_with_holes_and_compaction(monkeypatch):
     assert 1.0 < opt.monitor.last.extra["mtp_tokens_per_step"] < 5.0
 
 
-def test_compiled_verify_and_draft_steps_are_exact():
+def test_compiled_verify_and_draft_steps_are_exact(monkeypatch):
     """Inductor compiles the verification step and the drafting (thin products as reductions); warm_up compiles
-    the shapes generate uses, so generate compiles nothing more."""
+    the shapes generate uses (the adaptive gate's plain steps too), so generate compiles nothing more."""
+    from dscompile.runtime.gate import SpeculationGate
+
+    turns = iter([True, False] * 40)
+    monkeypatch.setattr(SpeculationGate, "speculate", lambda self: next(turns))
     model = varied_llama()
     x = ids(2, 8, seed=16)
     opt = dscompile.optimize(model, {"mtp": {"depth": 2}}, example_inputs=x[:1])
@@ -106,6 +112,7 @@ def test_compiled_verify_and_draft_steps_are_exact():
     got = opt.generate(x, max_new_tokens=24)
     assert counters["stats"]["unique_graphs"] == frames  # nothing recompiled
     assert_same_or_near_tie(model, got, greedy_by_forward(model, x, 24))
+    assert opt.monitor.last.extra["mtp_plain_steps"] > 0
 
 
 def test_cpu_batches_whose_verification_is_compute_bound_decode_plainly():
@@ -332,7 +339,8 @@ def test_smollm2_speculative_greedy_equals_plain_greedy(smollm2, monkeypatch):
                "Dear hiring manager,", "for i in range(10):"]
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     plain = dscompile.optimize(model, "none", example_inputs=torch.tensor([[1, 2, 3]]), lower="eager")
-    mtp = dscompile.optimize(model, {"mtp": {"depth": 4}}, example_inputs=torch.tensor([[1, 2, 3]]), lower="eager")
+    mtp = dscompile.optimize(model, {"mtp": {"depth": 4, "speculation": "always"}},
+                             example_inputs=torch.tensor([[1, 2, 3]]), lower="eager")
     mtp.runtime().max_verify_rows = None
     gen = torch.Generator().manual_seed(0)
     for batch in (1, 8):

@@ -55,7 +55,7 @@ def cache_inputs(path):
 
 def test_mla_with_mtp_exports_a_latent_cache_and_speculates_in_onnxruntime(tmp_path):
     """MLA's latent replaces K and V in the exported cache; MTP's heads draft and the decode graph verifies."""
-    profile = {"mla": {"kv_ratio": 0.5}, "mtp": {"depth": 2}}
+    profile = {"mla": {"kv_ratio": 0.5}, "mtp": {"depth": 2, "speculation": "always"}}
     opt = dscompile.optimize(varied_llama(), profile, CALIBRATION, example_inputs=ids(), lower="eager")
     folder = tmp_path / "mla_mtp"
     checks = dscompile.export_onnx_runtime(opt, folder)

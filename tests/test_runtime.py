@@ -217,14 +217,11 @@ def test_smollm2_greedy_matches_transformers_with_compiled_decode(smollm2):
     prompts = ["def fibonacci(n):", "The capital of France is", "Once upon a time, in a land far away,",
                "import numpy as np\n"]
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
-    for batch in (1, 4):
-        x, mask = enc["input_ids"][:batch], enc["attention_mask"][:batch]
-        if batch == 1:
-            x, mask = x[:, mask[0].bool()], mask[:, mask[0].bool()]
-        with torch.no_grad():
-            expected = model.generate(x, attention_mask=mask, max_new_tokens=64, do_sample=False)
-        got = runtime.generate(x, attention_mask=mask, max_new_tokens=64)
-        assert_same_or_near_tie(model, got, expected, mask)
+    x, mask = enc["input_ids"], enc["attention_mask"]  # batch 4 with left padding (batch 1: the tiny models)
+    with torch.no_grad():
+        expected = model.generate(x, attention_mask=mask, max_new_tokens=64, do_sample=False)
+    got = runtime.generate(x, attention_mask=mask, max_new_tokens=64)
+    assert_same_or_near_tie(model, got, expected, mask)
     assert runtime.monitor.last.cache_bytes == 30 * 2 * 4 * 3 * 128 * 64 * 4  # capacity 128 slots
 
 

@@ -495,7 +495,7 @@ def onnx_generate(
     eos = manifest.get("eos_token_id")
     runtime = Runtime(program, lower="eager", max_positions=program.max_positions,
                       pad_token_id=manifest.get("pad_token_id"), eos_token_id=eos,
-                      drafter=drafter if speculate else None)  # type: ignore[arg-type]
+                      drafter=drafter if speculate else None, speculation="always")  # type: ignore[arg-type]
     if monitor is not None:
         runtime.monitor = monitor
     return runtime.generate(input_ids, attention_mask, max_new_tokens, eos_token_id=eos_token_id,

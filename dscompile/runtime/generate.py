@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from ..monitor import GenerationStats, Monitor, Stopwatch, peak_memory
 from ..passes.kv_cache import CachedProgram
 from .emit import is_eos, stream, stream_end
+from .gate import MODES, SpeculationGate
 from .sampling import check_sampling, choose_next
 from .speculative import Speculation, speculation_slots
 
@@ -78,7 +79,8 @@ class Runtime:
 
     def __init__(self, program: CachedProgram, *, lower: str = "inductor", max_positions: int | None = None,
                  pad_token_id: int | None = None, eos_token_id: int | list[int] | None = None,
-                 prefill_tokens: int = PREFILL_TOKENS, drafter: MTPHeads | None = None):
+                 prefill_tokens: int = PREFILL_TOKENS, drafter: MTPHeads | None = None,
+                 speculation: str = "adaptive"):
         if lower not in LOWERINGS:
             raise ConfigError(f"unknown runtime lower={lower!r}; valid: {', '.join(LOWERINGS)}")
         self.program = program
@@ -92,6 +94,10 @@ class Runtime:
         # thin-product rows it costs as much as that many plain steps (SmolLM2 at batch 8, depth 3: 0.54x). None:
         # always (a GPU verifies many rows for the price of one).
         self.max_verify_rows: int | None = None if self.device.type == "cuda" else VERIFY_ROWS
+        if speculation not in MODES:
+            raise ConfigError(f"speculation must be one of {', '.join(MODES)}, got {speculation!r}")
+        self.speculation = speculation  # "adaptive": a SpeculationGate per batch size decides each step
+        self.gates: dict[int, SpeculationGate] = {}
         self.monitor = Monitor()
         self._decode: Callable[..., Any] | None = None
         self._draft: Callable[..., Any] | None = None
@@ -114,6 +120,12 @@ class Runtime:
             self._draft = self.drafter.draft if self.lower == "eager" else _compile_decode(self.drafter.draft,
                                                                                            self.device)
         return self._draft
+
+    def gate(self, batch: int) -> SpeculationGate:
+        """The speculation gate of this batch size (its step costs and tau carry over between calls)."""
+        if batch not in self.gates or self.gates[batch].mode != self.speculation:
+            self.gates[batch] = SpeculationGate(self.speculation)
+        return self.gates[batch]
 
     def speculates(self, batch: int) -> bool:
         """Whether ``generate`` drafts and verifies at this batch size (MTP heads, verification memory-bound)."""
@@ -149,6 +161,9 @@ class Runtime:
         token = torch.zeros(batch, tokens, dtype=torch.long, device=self.device)
         position = torch.zeros(batch, tokens, dtype=torch.long, device=self.device)
         self.run(self.decode_step(), token, position, torch.arange(tokens, device=self.device), valid, caches)
+        if tokens > 1 and self.speculation == "adaptive":  # the gate's plain steps: one token, a second shape
+            self.run(self.decode_step(), token[:, :1].clone(), position[:, :1].clone(),
+                     torch.arange(1, device=self.device), valid, caches)
         if self.drafter is not None and tokens > 1:
             hidden = torch.zeros(batch, self.drafter.hidden, dtype=self.program.dtype, device=self.device)
             self.draft_step()(hidden, token[:, 0].clone())
@@ -235,7 +250,7 @@ class Runtime:
                 produced = self._decode_loop(out, prompt, next_token, positions[:, -1:], key_valid, caches, eos, pad,
                                              sample, streamer)
             else:
-                spec = Speculation(self, drafter, out, prompt, eos, pad, sample, streamer)
+                spec = Speculation(self, drafter, out, prompt, eos, pad, sample, streamer, self.gate(batch))
                 produced = spec.run(next_token, first[1][:, -1].contiguous(), positions, key_valid, caches)
                 extra.update(spec.stats())
             decode_s = clock.lap()

@@ -13,17 +13,22 @@ nothing but slots. When the slots run out, each row's valid slots are packed to 
 positions *are* the slots (hand-written models: ``slot_is_position``) cannot have holes; there every row accepts
 the batch's shortest agreed prefix (still exact: a row that agreed further gets its next agreed token as its
 own).
+
+An adaptive :class:`~.gate.SpeculationGate` may make a step plain: no drafts, one token through the same decode
+graph (a second static shape), which still returns the hidden state the next drafts start from.
 """
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import ConfigError
 from .emit import stream, stream_stats
-from .sampling import draw, probabilities
+from .gate import SpeculationGate
+from .sampling import choose_next, draw, probabilities
 
 if TYPE_CHECKING:
     from ..passes.mtp_heads import MTPHeads
@@ -69,7 +74,7 @@ class Speculation:
     """One ``generate`` call's speculative decoding: state, the loop, and acceptance statistics."""
 
     def __init__(self, runtime: Runtime, heads: MTPHeads, out: torch.Tensor, prompt: int, eos: set[int], pad: int,
-                 sample: dict[str, Any], streamer: Any):
+                 sample: dict[str, Any], streamer: Any, gate: SpeculationGate | None = None):
         self.runtime, self.heads, self.out, self.prompt = runtime, heads, out, prompt
         self.eos, self.pad, self.sample, self.streamer = eos, pad, sample, streamer
         batch = out.shape[0]
@@ -78,12 +83,16 @@ class Speculation:
         self.accepted_at = [0] * heads.depth  # row-steps whose draft at each position was kept
         self.row_steps = 0
         self.row_tokens = 0
+        self.plain_steps = 0  # steps the gate decoded plainly
+        self.gate = gate if gate is not None else SpeculationGate("always")
 
     def stats(self) -> dict[str, Any]:
-        """``mtp_acceptance`` (by draft position) and ``mtp_tokens_per_step`` (tau) over active rows."""
+        """``mtp_acceptance`` (by draft position) and ``mtp_tokens_per_step`` (tau) over active rows' speculative
+        steps; ``mtp_plain_steps``: steps the adaptive gate decoded without drafts."""
         steps = max(self.row_steps, 1)
         return {"mtp_acceptance": [round(a / steps, 4) for a in self.accepted_at],
-                "mtp_tokens_per_step": round(self.row_tokens / steps, 4), "mtp_steps": self.row_steps}
+                "mtp_tokens_per_step": round(self.row_tokens / steps, 4), "mtp_steps": self.row_steps,
+                "mtp_plain_steps": self.plain_steps, "mtp_gate": self.gate.describe()}
 
     def run(self, token: torch.Tensor, hidden: torch.Tensor, prompt_positions: torch.Tensor, key_valid: torch.Tensor,
             caches: list[torch.Tensor]) -> int:
@@ -104,33 +113,47 @@ class Speculation:
         slot_positions[:, :self.prompt] = prompt_positions
         step = self.runtime.decode_step()
         sampling = self.sample["do_sample"]
+        rows = torch.arange(token.shape[0], device=token.device)
         while not all(self.done):
-            drafts, draft_probs = self._draft(hidden, token, sampling)
-            if pointer + depth + 1 > capacity:
+            clock = time.perf_counter()
+            speculate = self.gate.speculate()
+            width = depth + 1 if speculate else 1
+            if speculate:
+                drafts, draft_probs = self._draft(hidden, token, sampling)
+            else:
+                drafts = token.new_zeros(token.shape[0], 0)
+            if pointer + width > capacity:
                 pointer = compact(key_valid, [*caches, slot_positions])
-            slots = pointer + offsets
+            slots = pointer + offsets[:width]
             key_valid[:, slots] = True
-            positions = last_position[:, None] + 1 + offsets
+            positions = last_position[:, None] + 1 + offsets[:width]
             if program.max_positions is not None:
                 positions = positions.clamp_max(program.max_positions - 1)  # drafts past the end are never kept
             slot_positions[:, slots] = positions
             logits, states = self.runtime.run(step, torch.cat([token[:, None], drafts], 1), positions, slots,
                                               key_valid, caches, (positions, slot_positions))[:2]
-            if sampling:
+            if not speculate:
+                accepted, token = torch.zeros_like(token), choose_next(logits[:, 0], **self.sample)
+            elif sampling:
                 accepted, token = accept_sampled(drafts, draft_probs, logits, self.sample)
             else:
                 accepted, token = accept_greedy(drafts, logits)
             active = torch.tensor([not d for d in self.done], device=key_valid.device)
-            if program.slot_is_position:
+            if speculate and program.slot_is_position:
                 accepted, token = _shortest(accepted, token, drafts, active)
-            key_valid[:, slots] = (offsets[None] <= accepted[:, None]) & active[:, None]  # finished rows stop growing
+            key_valid[:, slots] = (offsets[None, :width] <= accepted[:, None]) & active[:, None]  # finished rows stop
             pointer += int(accepted[active].max()) + 1  # slots the furthest active row used
             last_position = last_position + accepted + 1
-            hidden = states[torch.arange(states.shape[0], device=states.device), accepted]
+            hidden = states[rows, accepted]
             kept = torch.cat([drafts, token[:, None]], 1)
-            kept[torch.arange(kept.shape[0]), accepted] = token
-            self._record(accepted)
+            kept[rows, accepted] = token
+            tau = float((accepted[active] + 1).float().mean())
+            if speculate:
+                self._record(accepted)
+            else:
+                self.plain_steps += 1
             self._emit(kept, accepted + 1)
+            self.gate.observe(speculate, time.perf_counter() - clock, tau if speculate else None)
             stream_stats(self.streamer, self.stats)
         return max(self.count)
 
