@@ -18,8 +18,8 @@ from dscompile.evaluate import logits_of
 from dscompile.passes.mla_rope import pair_dims
 from dscompile.runtime.generate import prefill_logits
 
-ROPE_FREE = {"opt"}
-NOT_ABSORBED = {"gpt2": "fused", "gpt_neox": "fused", "phi3": "fused", "nanogpt": "fused", "qwen3": "normalised",
+ROPE_FREE = {"opt", "gpt2", "nanogpt"}  # learned positions: absorbing is exact
+NOT_ABSORBED = {"gpt_neox": "fused", "qwen3": "normalised",
                 "gemma3": "normalised", "meta_llama": "complex RoPE"}
 
 

@@ -15,7 +15,7 @@ from dscompile import ConfigError, UnsupportedError
 from dscompile.evaluate import logits_of
 from dscompile.runtime.generate import prefill_logits
 
-FUSED_KV = {"gpt2", "gpt_neox", "phi3", "nanogpt"}
+FUSED_KV = {"gpt_neox"}  # heads interleaved in the fused QKV output
 NEAR_FULL = {"mla": {"kv_ratio": 0.999}}  # a budget that rounds to every layer's full K/V rank
 
 

@@ -23,13 +23,14 @@ from .cleanup import cleanup
 from .mla import bias_node, plain_rows, register_factors
 from .mla_plan import MLAPlan, plan_graph
 from .mla_rope import keep_rotary, rope_sum
+from .unfuse_qkv import split_fused_qkv
 
 
 def mla_pass(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Route every supported attention's K and V through the plan's latent; report the layers left alone."""
     config = ctx.profile.mla
     assert config is not None, "the pass manager runs mla only for profiles with an MLA config"
-    attentions = ctx.matches.attention
+    attentions = ctx.matches.attention = split_fused_qkv(gm, ctx.matches.attention, ctx.captured.weights)
     plan: MLAPlan = session_plan(ctx, "mla_plan", attentions, plan_graph, config)
     factors = plan.for_attentions(attentions)
     rope = plan.rope_for_attentions(attentions)

@@ -23,6 +23,7 @@ from ..patterns import AttentionMatch
 from ..profile import MLAConfig
 from . import mla
 from .mla_rope import choose_rope_dims, default_rope_dims, rope_reason
+from .unfuse_qkv import split_fused_qkv
 
 log = logging.getLogger("dscompile")
 
@@ -70,7 +71,7 @@ class MLAPlan:
 
     def apply(self, program: mla.CachedProgram) -> mla.MLAResult:
         """Give ``program`` the latent cache of this plan's layers."""
-        attentions = program.matches.attention
+        attentions = unfuse_program(program)
         return mla.apply_latent_cache(program, self.for_attentions(attentions), self.rope_for_attentions(attentions))
 
     def for_attentions(self, attentions: Sequence[AttentionMatch]) -> dict[int, JointFactors]:
@@ -134,9 +135,16 @@ def make_plan(config: MLAConfig, attentions: Sequence[AttentionMatch], grams: di
 
 def plan_program(program: mla.CachedProgram, config: MLAConfig, batches: Sequence[torch.Tensor]) -> MLAPlan:
     """Calibrate on ``batches`` of token ids through the runtime's program (before any latent rewrite) and plan."""
+    attentions = unfuse_program(program)
     windows = calibration_windows(batches, fitting_window(program))
     grams = mla.calibrate(program, windows)
-    return make_plan(config, program.matches.attention, grams, sum(w.numel() for w in windows))
+    return make_plan(config, attentions, grams, sum(w.numel() for w in windows))
+
+
+def unfuse_program(program: mla.CachedProgram) -> list[AttentionMatch]:
+    """Split the program's fused QKV projections (see :mod:`.unfuse_qkv`) so their K and V can take a latent."""
+    program.matches.attention = split_fused_qkv(program.gm, program.matches.attention)
+    return program.matches.attention
 
 
 def plan_graph(captured: CapturedGraph, attentions: Sequence[AttentionMatch], config: MLAConfig) -> MLAPlan:
