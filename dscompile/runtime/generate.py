@@ -162,11 +162,11 @@ class Runtime:
         position = torch.zeros(batch, tokens, dtype=torch.long, device=self.device)
         self.run(self.decode_step(), token, position, torch.arange(tokens, device=self.device), valid, caches)
         if tokens > 1 and self.speculation == "adaptive":  # the gate's plain steps: one token, a second shape
-            self.run(self.decode_step(), token[:, :1].clone(), position[:, :1].clone(),
-                     torch.arange(1, device=self.device), valid, caches)
+            one = torch.zeros(batch, 1, dtype=torch.long, device=self.device)  # fresh: Dynamo guards on strides
+            self.run(self.decode_step(), one, one.clone(), torch.arange(1, device=self.device), valid, caches)
         if self.drafter is not None and tokens > 1:
             hidden = torch.zeros(batch, self.drafter.hidden, dtype=self.program.dtype, device=self.device)
-            self.draft_step()(hidden, token[:, 0].clone())
+            self.draft_step()(hidden, torch.zeros(batch, dtype=torch.long, device=self.device))
         return clock.lap()
 
     def run(self, fn: Callable[..., Any], ids: torch.Tensor, positions: torch.Tensor, cache_position: torch.Tensor,

@@ -158,8 +158,8 @@ class Speculation:
         return max(self.count)
 
     def _draft(self, hidden: torch.Tensor, token: torch.Tensor, sampling: bool) -> tuple[torch.Tensor, Any]:
-        if not sampling:
-            return self.runtime.draft_step()(hidden, token)[0], None
+        if not sampling:  # inputs with standard strides: Dynamo guards on strides, even of size-1 dimensions
+            return self.runtime.draft_step()(_dense(hidden), _dense(token))[0], None
         s = self.sample
         chosen: list[torch.Tensor] = []
 
@@ -204,6 +204,12 @@ class Speculation:
             width = max(len(t) for t in streamed)
             for i in range(width):
                 stream(self.streamer, torch.tensor([t[i] if i < len(t) else self.pad for t in streamed]))
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with the strides a fresh tensor of its shape has (a row picked from a wider tensor keeps its own)."""
+    return t if t.stride() == torch.empty(t.shape, device="meta").stride() else t.clone(
+        memory_format=torch.contiguous_format)
 
 
 def _shortest(accepted: torch.Tensor, token: torch.Tensor, drafts: torch.Tensor,
