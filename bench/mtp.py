@@ -73,7 +73,8 @@ def speed(opt: dscompile.OptimizedModel, prompts: torch.Tensor, new: int) -> tup
     stats = opt.monitor.last
     row = {"decode_tok_s": stats.decode_tokens_per_s, "wall_s": wall,
            "mtp_tokens_per_step": stats.extra.get("mtp_tokens_per_step"),
-           "mtp_acceptance": stats.extra.get("mtp_acceptance")}
+           "mtp_acceptance": stats.extra.get("mtp_acceptance"), "mtp_plain_steps": stats.extra.get("mtp_plain_steps"),
+           "mtp_steps": stats.extra.get("mtp_steps")}
     return out, row
 
 
@@ -83,7 +84,8 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--train-minutes", type=float, default=40.0)
     parser.add_argument("--prompts", type=int, default=1024)
-    parser.add_argument("--heads", default="bench/results/mtp_heads.safetensors")
+    parser.add_argument("--heads", default="bench/results/mtp_heads.safetensors",
+                        help="trained heads (trained first when missing); 'none': untrained heads, no training")
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--train-only", action="store_true", help="train and save the heads, measure nothing")
     parser.add_argument("--new", type=int, default=128)
@@ -96,7 +98,8 @@ def main() -> None:
     docs, train_code, held_code = _texts(tokenizer)
     result: dict = {"machine": platform.platform(), "threads": torch.get_num_threads(), "new_tokens": args.new,
                     "speculation": args.speculation}
-    if args.retrain or not Path(args.heads).is_file():
+    untrained = args.heads == "none"  # the heads as built: what the adaptive gate has to cope with
+    if not untrained and (args.retrain or not Path(args.heads).is_file()):
         result["training"] = train(model, docs, train_code, args)
         Path(args.heads).with_suffix(".json").write_text(json.dumps(result["training"], indent=2))
     if args.train_only:
@@ -109,7 +112,7 @@ def main() -> None:
         print(f"batch {batch} without MTP: {base['decode_tok_s']:.1f} tok/s", flush=True)
         for depth in (int(d) for d in args.depths.split(",")):
             torch._dynamo.reset()
-            opt = dscompile.optimize(model, {"mtp": {"depth": depth, "heads": args.heads,
+            opt = dscompile.optimize(model, {"mtp": {"depth": depth, "heads": None if untrained else args.heads,
                                                      "speculation": args.speculation}},
                                      example_inputs=prompts[:1, :16])
             out, row = speed(opt, prompts, args.new)
@@ -119,7 +122,8 @@ def main() -> None:
                        first_difference=[int((o != b).nonzero()[0]) if not s else None
                                          for o, b, s in zip(out, base_out, same)])
             print(f"batch {batch} depth {depth}: tau {row['mtp_tokens_per_step']}, acceptance "
-                  f"{row['mtp_acceptance']}, {row['decode_tok_s']:.1f} tok/s ({row['speedup']:.2f}x), "
+                  f"{row['mtp_acceptance']}, plain steps {row['mtp_plain_steps']}, "
+                  f"{row['decode_tok_s']:.1f} tok/s ({row['speedup']:.2f}x), "
                   f"identical rows {row['rows_identical']}/{batch}", flush=True)
             rows.append(row)
     result["rows"] = rows
