@@ -4,6 +4,7 @@ stay exact, RoPE models keep a few rotary dims per head (decoupled RoPE) in the 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -47,11 +48,11 @@ class LearnedPositionAttention(nn.Module):
 
 
 class LearnedPositionLM(nn.Module):
-    def __init__(self, vocab: int = 96, width: int = 48):
+    def __init__(self, vocab: int = 96, width: int = 48, attention: Callable[[int], nn.Module] | None = None):
         super().__init__()
         self.tokens, self.positions = nn.Embedding(vocab, width), nn.Embedding(64, width)
         self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(2))
-        self.attns = nn.ModuleList(LearnedPositionAttention(width) for _ in range(2))
+        self.attns = nn.ModuleList((attention or LearnedPositionAttention)(width) for _ in range(2))
         self.head = nn.Linear(width, vocab)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_mla_absorb import LearnedPositionLM
 from tiny import greedy_by_forward
 from torch import nn
 from zoo import built
@@ -32,19 +33,9 @@ class ChunkedQKV(nn.Module):
         return self.out(y) + (fused.mean(-1, keepdim=True) if self.also_read_fused else 0)
 
 
-class ChunkedLM(nn.Module):
-    def __init__(self, vocab: int = 80, width: int = 48, also_read_fused: bool = False):
-        super().__init__()
-        self.tokens, self.positions = nn.Embedding(vocab, width), nn.Embedding(64, width)
-        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(2))
-        self.attns = nn.ModuleList(ChunkedQKV(width, also_read_fused=also_read_fused) for _ in range(2))
-        self.head = nn.Linear(width, vocab)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.tokens(ids) + self.positions(torch.arange(ids.shape[1], device=ids.device))
-        for norm, attn in zip(self.norms, self.attns):
-            x = x + attn(norm(x))
-        return self.head(x)
+def ChunkedLM(also_read_fused: bool = False) -> nn.Module:  # noqa: N802 - reads as the model class it builds
+    """Two layers of :class:`ChunkedQKV` with learned positions."""
+    return LearnedPositionLM(vocab=80, attention=lambda width: ChunkedQKV(width, also_read_fused=also_read_fused))
 
 
 @pytest.mark.parametrize("name", ["gpt2", "phi3", "nanogpt"])
