@@ -90,8 +90,9 @@ class Speculation:
         """``mtp_acceptance`` (by draft position) and ``mtp_tokens_per_step`` (tau) over active rows' speculative
         steps; ``mtp_plain_steps``: steps the adaptive gate decoded without drafts."""
         steps = max(self.row_steps, 1)
+        tau = self.row_tokens / self.row_steps if self.row_steps else 1.0  # no speculative step: one token a step
         return {"mtp_acceptance": [round(a / steps, 4) for a in self.accepted_at],
-                "mtp_tokens_per_step": round(self.row_tokens / steps, 4), "mtp_steps": self.row_steps,
+                "mtp_tokens_per_step": round(tau, 4), "mtp_steps": self.row_steps,
                 "mtp_plain_steps": self.plain_steps, "mtp_gate": self.gate.describe()}
 
     def run(self, token: torch.Tensor, hidden: torch.Tensor, prompt_positions: torch.Tensor, key_valid: torch.Tensor,
