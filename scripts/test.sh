@@ -6,4 +6,4 @@ bash "$root/scripts/bootstrap.sh"
 cd "$root"
 export TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0
 .venv/bin/ruff check dscompile tests bench examples
-exec .venv/bin/pytest --cov=dscompile --cov-report=term --cov-fail-under=90 "$@"
+exec .venv/bin/pytest --durations=15 --cov=dscompile --cov-report=term --cov-fail-under=90 "$@"
