@@ -12,6 +12,9 @@ import tomllib
 
 from .errors import ConfigError
 
+SPECULATION_MODES = ("adaptive", "always")
+"""``mtp.speculation``: draft only while it pays (``runtime.gate``), or at every step."""
+
 
 def _check_fields(cls: type, data: dict[str, Any], where: str) -> None:
     valid = [f.name for f in fields(cls)]
@@ -86,7 +89,7 @@ class MTPConfig:
             raise ConfigError(f"mtp.head must be 'deepseek' or 'medusa', got {self.head!r}")
         if not isinstance(self.draft_vocab, int) or self.draft_vocab < 16:
             raise ConfigError(f"mtp.draft_vocab must be an integer of at least 16, got {self.draft_vocab!r}")
-        if self.speculation not in ("adaptive", "always"):
+        if self.speculation not in SPECULATION_MODES:
             raise ConfigError(f"mtp.speculation must be 'adaptive' or 'always', got {self.speculation!r}")
 
 

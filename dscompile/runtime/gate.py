@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-MODES = ("adaptive", "always")
+from ..profile import SPECULATION_MODES as MODES
+
 SMOOTHING = 0.25  # weight of the newest measurement in the running averages
 PROBE_EVERY = 8  # plain steps before the first probe; doubled after every failed probe
 MAX_PROBE_EVERY = 128

@@ -148,13 +148,13 @@ class Speculation:
             hidden = states[rows, accepted]
             kept = torch.cat([drafts, token[:, None]], 1)
             kept[rows, accepted] = token
-            tau = float((accepted[active] + 1).float().mean())
+            tau = float((accepted[active] + 1).float().mean()) if speculate else None  # only drafts keep tokens
             if speculate:
                 self._record(accepted)
             else:
                 self.plain_steps += 1
             self._emit(kept, accepted + 1)
-            self.gate.observe(speculate, time.perf_counter() - clock, tau if speculate else None)
+            self.gate.observe(speculate, time.perf_counter() - clock, tau)
             stream_stats(self.streamer, self.stats)
         return max(self.count)
 
