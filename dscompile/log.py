@@ -4,8 +4,24 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+class CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time, so a replaced or closed stream is never kept."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        """Ignored: the stream is always the current ``sys.stderr``."""
 
 
 def configure(level: str | None = None) -> logging.Logger:
@@ -21,7 +37,7 @@ def configure(level: str | None = None) -> logging.Logger:
         return log
     log.setLevel(LEVELS[name])
     if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.NullHandler) for h in log.handlers):
-        handler = logging.StreamHandler()
+        handler = CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s dscompile %(levelname)s %(message)s"))
         log.addHandler(handler)
     return log

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import sys
 
 import pytest
 import torch
 from tiny import ids, tiny_llama
 
-from dscompile.log import configure
+from dscompile.log import CurrentStderrHandler, configure
 
 
 @pytest.fixture
@@ -26,9 +28,22 @@ def restore_logger():
 def test_levels_come_from_the_environment(monkeypatch, restore_logger, name, level):
     monkeypatch.setenv("DSCOMPILE_LOG", name)
     assert configure().level == level
-    streams = [h for h in restore_logger.handlers if type(h) is logging.StreamHandler]
+    streams = [h for h in restore_logger.handlers if isinstance(h, CurrentStderrHandler)]
     configure()
-    assert len([h for h in restore_logger.handlers if type(h) is logging.StreamHandler]) == len(streams) == 1
+    assert len([h for h in restore_logger.handlers if isinstance(h, CurrentStderrHandler)]) == len(streams) == 1
+
+
+def test_the_handler_writes_to_the_stderr_of_the_moment(monkeypatch, restore_logger):
+    """A stream captured when the handler was made may be closed later; the handler must not keep it."""
+    restore_logger.handlers[:] = []
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    configure("info")
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    restore_logger.info("after the swap")
+    assert "dscompile INFO after the swap" in second.getvalue()
 
 
 def test_a_bad_level_is_reported_and_ignored(monkeypatch, restore_logger, caplog):

@@ -11,7 +11,6 @@ import importlib.machinery
 import importlib.util
 import json
 import logging
-import time
 from pathlib import Path
 
 import pytest
@@ -337,10 +336,8 @@ def smol(tmp_path_factory: pytest.TempPathFactory):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(models, "_convert_gguf", recording_convert)
-        started = time.perf_counter()
         model, tokenizer = models.load("smollm2")
-        first_s = time.perf_counter() - started
-    yield {"model": model, "tokenizer": tokenizer, "first_s": first_s, **{f"gguf_{k}": v for k, v in converted.items()}}
+    yield {"model": model, "tokenizer": tokenizer, **{f"gguf_{k}": v for k, v in converted.items()}}
     env.undo()
 
 
@@ -399,16 +396,14 @@ def test_real_cache_holds_the_gguf_weights_once(smol) -> None:
 
 @pytest.mark.slow
 @needs_package
-def test_real_second_load_is_fast_and_identical(smol, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_real_second_load_reads_the_cache_and_is_identical(smol, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second load must not convert the GGUF again (timings belong in bench/, not in an assertion)."""
+
     def no_conversion(gguf: Path):
         raise AssertionError("the cache should have been used")
 
     monkeypatch.setattr(models, "_convert_gguf", no_conversion)
-    started = time.perf_counter()
     model, tokenizer = models.load("smollm2")
-    second_s = time.perf_counter() - started
-    print(f"smollm2 first load {smol['first_s']:.1f} s, cached load {second_s:.2f} s")
-    assert second_s < 2.0
     assert state_equal(model, smol["model"])
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert tokenizer("Hello there").input_ids == smol["tokenizer"]("Hello there").input_ids
