@@ -109,6 +109,8 @@ def speed_worker(config: MoEConfig | None, new: int) -> dict:
         row[f"decode_compile_s_b{batch}"] = runtime.warm_up(batch, 128 + new)
         runtime.generate(prompts, max_new_tokens=new, eos_token_id=[])
         row[f"decode_tokens_per_s_b{batch}"] = runtime.monitor.last.decode_tokens_per_s
+        if config is not None:  # live load on this call's tokens (held-out prompts and the model's continuations)
+            row[f"maxvio_generate_b{batch}"] = max(runtime.monitor.last.extra["moe_maxvio"].values())
     prompt = torch.tensor([docs[30_000:32_048]])
     runtime.generate(prompt, max_new_tokens=1, eos_token_id=[])
     row["prefill_tokens_per_s"] = 2048 / runtime.monitor.last.time_to_first_token_s

@@ -6,8 +6,8 @@ runtime hands it each step's tokens, and it rewrites one line on its stream with
 times a second, so a fast decode loop is not slowed by terminal output. It writes only to the stream it is given
 (the library itself never prints). Figures it cannot see per step come from elsewhere: the KV bytes are the
 program's bytes per token times the tokens held; MTP acceptance arrives through the runtime's ``put_stats`` hook
-after each verification; MoE expert load is the calibrated load from the plan (per-step routing counts would need
-instrumenting the decode step, which is what must stay fast), and is labelled so.
+after each verification; MoE expert load is read from the runtime's live counters (tokens per expert so far, see
+:mod:`.runtime.expert_load`), or, before any token was routed, is the calibrated load from the plan, labelled so.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
 import torch
+
+from .runtime.expert_load import expert_counters
 
 
 def _mib(n: float) -> str:
@@ -34,17 +36,20 @@ class LiveMonitor:
     """A streamer that shows generation progress on one refreshing line of ``stream`` (``sys.stderr`` if None).
 
     ``cache_bytes_per_token`` (per row) and ``prompt_tokens`` give the cache bytes held so far; ``expert_load`` is a
-    MoE plan's calibrated load (``Report.to_dict()["moe_expert_load"]``). ``clock`` is injectable for tests. After
+    MoE plan's calibrated load (``Report.to_dict()["moe_expert_load"]``) and ``expert_counters`` the runtime's live
+    counters by layer (shown instead once they hold tokens). ``clock`` is injectable for tests. After
     ``end()`` the monitor is ready for the next call; ``lines`` keeps every line written and ``updates`` counts them.
     """
 
     def __init__(self, stream: TextIO | None = None, *, cache_bytes_per_token: int = 0, prompt_tokens: int = 0,
-                 expert_load: Mapping[str, Sequence[float]] | None = None, interval: float = 0.1,
+                 expert_load: Mapping[str, Sequence[float]] | None = None,
+                 expert_counters: Mapping[str, torch.Tensor] | None = None, interval: float = 0.1,
                  clock: Callable[[], float] = time.perf_counter):
         self.stream = stream if stream is not None else sys.stderr
         self.cache_bytes_per_token = cache_bytes_per_token
         self.prompt_tokens = prompt_tokens
         self.expert_peak = _load_peak(expert_load) if expert_load else None
+        self.expert_counters = dict(expert_counters or {})
         self.interval = interval
         self.clock = clock
         self.lines: list[str] = []
@@ -55,11 +60,12 @@ class LiveMonitor:
     def for_model(cls, optimized: Any, stream: TextIO | None = None, *, prompt_tokens: int = 0,
                   **kwargs: Any) -> LiveMonitor:
         """A monitor for ``optimized`` (an :class:`OptimizedModel`): cache bytes per token from its runtime's
-        program, calibrated expert load from its MoE plan."""
+        program, calibrated expert load from its MoE plan and the live counters of its program."""
         runtime = optimized.runtime()
         plan = optimized.session.moe_plan
         kwargs.setdefault("cache_bytes_per_token", runtime.program.cache_bytes_per_token())
         kwargs.setdefault("expert_load", plan.loads() if plan is not None else None)
+        kwargs.setdefault("expert_counters", expert_counters(runtime.program))
         return cls(stream, prompt_tokens=prompt_tokens, **kwargs)
 
     def _reset(self) -> None:
@@ -120,7 +126,10 @@ class LiveMonitor:
         if "mtp_tokens_per_step" in self.mtp:
             kept = "/".join(f"{a:.2f}" for a in self.mtp.get("mtp_acceptance", []))
             parts.append(f"MTP {self.mtp['mtp_tokens_per_step']:.2f} tokens/step (kept {kept})")
-        if self.expert_peak is not None:
+        live = _load_peak({k: v.tolist() for k, v in self.expert_counters.items()})
+        if live is not None:
+            parts.append(f"expert load max/mean {live:.2f} (live)")
+        elif self.expert_peak is not None:
             parts.append(f"expert load max/mean {self.expert_peak:.2f} (calibrated)")
         return "generating: " + ", ".join(parts)
 

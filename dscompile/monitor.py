@@ -47,7 +47,14 @@ class GenerationStats:
         return (f"batch {self.batch}, prompt {self.prompt_tokens}, new {self.new_tokens}: first token "
                 f"{self.time_to_first_token_s * 1000:.0f} ms, decode {self.decode_tokens_per_s:.1f} tok/s, "
                 f"cache {self.cache_bytes / 2**20:.1f} MiB, peak memory {self.peak_memory_bytes / 2**20:.0f} MiB"
-                + self._speculation())
+                + self._speculation() + self._experts())
+
+    def _experts(self) -> str:
+        maxvio = self.extra.get("moe_maxvio")
+        if not maxvio:
+            return ""
+        worst = max(maxvio, key=maxvio.get)
+        return f", MoE MaxVio {maxvio[worst]:.2f} (worst layer: {worst})"
 
     def _speculation(self) -> str:
         if "mtp_tokens_per_step" not in self.extra:

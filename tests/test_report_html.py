@@ -146,7 +146,8 @@ def test_live_monitor_as_the_streamer_of_a_speculative_generate(full):
     assert final.startswith(f"generating: {got.shape[1] - 8} tokens") and "tok/s" in final
     per_token = full.runtime().program.cache_bytes_per_token()
     assert f"KV cache {per_token * 18 / 1024:.1f} KiB" in final
-    assert "tokens/step (kept" in final and "(calibrated)" in final
+    peak = max(max(v) for v in full.monitor.last.extra["moe_expert_load"].values())
+    assert "tokens/step (kept" in final and f"expert load max/mean {peak:.2f} (live)" in final
 
 
 class CharTokenizer:
@@ -170,7 +171,7 @@ def test_cli_writes_the_report_and_plots_and_shows_the_live_monitor(tmp_path, mo
     assert code == 0
     captured = capsys.readouterr()
     assert f"wrote {report}" in captured.out and "generation: batch 1" in captured.out
-    assert "\rgenerating: " in captured.err and "tok/s" in captured.err and "(calibrated)" in captured.err
+    assert "\rgenerating: " in captured.err and "tok/s" in captured.err and "(live)" in captured.err
     text = report.read_text(encoding="utf-8")
     assert "tiny, profile all, lowered with eager" in text and "perplexity (held-out)" in text
     assert "forward tokens/s (32 tokens)" in text and len(_images(text)) == 3

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import ConfigError, LoweringError, UnsupportedError
+from ..passes.moe_plan import without_counters
 from .onnx import _INLINE_LIMIT, OnnxCheck
 
 if TYPE_CHECKING:
@@ -161,7 +162,7 @@ def _export_all(model: OptimizedModel, runtime: Runtime, work: Path, atol: float
         graphs.append(("decode", program.decode_gm, _DECODE_CHECKS))
         files["decode"] = "decode.onnx"
     for name, gm, shapes in graphs:
-        wrapper = _Functional(gm, 3 + len(program.windows)).eval()
+        wrapper = _Functional(without_counters(gm), 3 + len(program.windows)).eval()
         path = work / f"{name}.onnx"
         _export_program(wrapper, program, path, outputs, external, opset)
         checks += _check_program(path, wrapper, program, outputs, shapes, vocab, atol, name)

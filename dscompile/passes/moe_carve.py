@@ -83,6 +83,11 @@ class CarvedFFN:
     activation: str
     order: torch.Tensor
     load: list[float] = field(default_factory=list)  # tokens per expert over the mean, on calibration tokens
+    counts: torch.Tensor | None = None  # live: tokens that chose each expert since the runtime last reset it
+
+    def __post_init__(self) -> None:
+        if self.counts is None:
+            self.counts = torch.zeros(self.n_routed, dtype=torch.long, device=self.router.device)
 
     @property
     def maxvio(self) -> float:

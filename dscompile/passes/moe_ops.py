@@ -48,7 +48,7 @@ def neuron_activations(x: torch.Tensor, gate: torch.Tensor | None, up: torch.Ten
 
 def moe_ffn(x: torch.Tensor, shared: tuple | None, experts: tuple, down_t: torch.Tensor, router: torch.Tensor,
             router_bias: torch.Tensor, down_bias: torch.Tensor | None, top_k: int, activation: str,
-            gathered: bool) -> torch.Tensor:
+            gathered: bool, counts: torch.Tensor | None = None) -> torch.Tensor:
     """The carved FFN on ``x`` (``[..., hidden]``).
 
     ``shared`` is ``(gate, up, down, gate_bias, up_bias)`` with gate and up rows ``[S*m, hidden]``, down
@@ -56,13 +56,17 @@ def moe_ffn(x: torch.Tensor, shared: tuple | None, experts: tuple, down_t: torch
     shared experts. ``experts`` holds the routed experts' blocks: rows ``[R, m, hidden]`` (down too, so that one
     expert's down weights are contiguous for gathering) and biases ``[R, m]``; ``down_t`` is the same down weights
     in ``nn.Linear`` layout ``[hidden, R*m]``, which the masked formulation reads (a decode step's matmul by a
-    ``[R*m, hidden]`` matrix takes 4x the time of one by its transpose through Inductor on a CPU).
+    ``[R*m, hidden]`` matrix takes 4x the time of one by its transpose through Inductor on a CPU). ``counts``
+    (``[R]``, int64), when given, gains one per token for each expert it chose: the live expert load.
     """
     shape = x.shape
     rows = x.reshape(-1, shape[-1])
     gate, up, down, gate_bias, up_bias = experts
     n_routed, width, hidden = up.shape
     idx, weight = route(rows, router, router_bias, top_k)
+    if counts is not None:
+        chosen_ids = idx.reshape(-1)
+        counts.index_add_(0, chosen_ids, torch.ones_like(chosen_ids))
     if gathered and rows.shape[0] * top_k <= n_routed:  # fewer blocks than experts: gather only those
         picked = rows[:, None, None, :]
         u = (picked * up[idx]).sum(-1)  # multiply-reduce: Inductor fuses the gather in, nothing is copied

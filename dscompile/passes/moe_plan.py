@@ -34,6 +34,9 @@ MIN_ROWS_PER_WIDTH = 4
 
 Key = tuple[int, tuple[int, ...]]
 
+COUNTS = "counts"
+"""The suffix of a runtime program's live expert-load buffers (``moe_3_counts``: layer 3's tokens per expert)."""
+
 
 def ffn_key(ffn: FFNMatch) -> Key | None:
     w = ffn.down.weight.tensor
@@ -76,9 +79,9 @@ class MoEPlan:
             carved = self.carved(ffn)
             if carved is None or shape_reason(ffn) is not None:
                 continue
-            rewrite_ffn(program.gm, ffn.up.input, ffn.down.node, carved, f"moe_{i}", gathered=False)
+            rewrite_ffn(program.gm, ffn.up.input, ffn.down.node, carved, f"moe_{i}", gathered=False, count=True)
             rewrite_ffn(decode, by_name[ffn.up.input.name], by_name[ffn.down.node.name], carved, f"moe_{i}",
-                        gathered=True)
+                        gathered=True, count=True)
             done += 1
         if done:
             for gm in (program.gm, decode):
@@ -118,8 +121,25 @@ def copy_module(gm: GraphModule) -> GraphModule:
     return GraphModule(gm, graph)
 
 
-def rewrite_ffn(gm: GraphModule, x: Node, down: Node, carved: CarvedFFN, prefix: str, *, gathered: bool) -> None:
-    """Replace the FFN ending at ``down`` by one call of :func:`.moe_ops.moe_ffn` on ``x``."""
+def without_counters(gm: GraphModule) -> GraphModule:
+    """``gm`` without the live expert counting (a copy over the same parameters, or ``gm`` itself when it counts
+    nothing): an exported graph is a pure function of its inputs, with no state of its own to update."""
+    counting = [n for n in gm.graph.nodes if n.target is moe_ffn and len(n.args) > 10 and n.args[10] is not None]
+    if not counting:
+        return gm
+    copy = copy_module(gm)
+    for node in copy.graph.nodes:
+        if node.target is moe_ffn and len(node.args) > 10:
+            node.args = (*node.args[:10], None)
+    copy.graph.eliminate_dead_code()
+    copy.recompile()
+    return copy
+
+
+def rewrite_ffn(gm: GraphModule, x: Node, down: Node, carved: CarvedFFN, prefix: str, *, gathered: bool,
+                count: bool = False) -> None:
+    """Replace the FFN ending at ``down`` by one call of :func:`.moe_ops.moe_ffn` on ``x``; with ``count`` the call
+    also adds each token's choice to ``carved.counts`` (a runtime program's live expert load)."""
     graph = gm.graph
     with graph.inserting_before(down):
         attrs: dict[str, Node] = {}
@@ -130,9 +150,16 @@ def rewrite_ffn(gm: GraphModule, x: Node, down: Node, carved: CarvedFFN, prefix:
                 gm.register_parameter(f"{prefix}_{name}", tensor)
             attrs[name] = graph.get_attr(f"{prefix}_{name}")
             attrs[name].meta["val"] = tensor
+        counts = None
+        if count:
+            if not hasattr(gm, f"{prefix}_{COUNTS}"):
+                gm.register_buffer(f"{prefix}_{COUNTS}", carved.counts, persistent=False)
+            counts = graph.get_attr(f"{prefix}_{COUNTS}")
+            counts.meta["val"] = carved.counts
         node = graph.call_function(moe_ffn, (
             x, group(attrs, "shared") if carved.shared is not None else None, group(attrs, "experts"), attrs["down_t"],
-            attrs["router"], attrs["router_bias"], attrs.get("down_bias"), carved.top_k, carved.activation, gathered))
+            attrs["router"], attrs["router_bias"], attrs.get("down_bias"), carved.top_k, carved.activation, gathered,
+            counts))
     node.meta["val"] = node_value(down)
     down.replace_all_uses_with(node)
 

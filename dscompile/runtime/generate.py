@@ -16,7 +16,9 @@ import torch
 from ..errors import ConfigError
 from ..monitor import GenerationStats, Monitor, Stopwatch, peak_memory
 from ..passes.kv_cache import CachedProgram
+from . import expert_load
 from .emit import is_eos, stream, stream_end
+from .expert_load import expert_counters
 from .gate import MODES, SpeculationGate
 from .sampling import check_sampling, choose_next
 from .speculative import Speculation, speculation_slots
@@ -241,6 +243,8 @@ class Runtime:
         if self.drafter is not None and drafter is None:
             extra["mtp"] = (f"off: batch {batch} x {self.drafter.depth + 1} verified tokens exceeds max_verify_rows "
                             f"{self.max_verify_rows}")
+        counters = expert_counters(self.program)
+        expert_load.reset(counters)
         with peak_memory(device) as peak:
             clock = Stopwatch(device)
             first = self._prefill(ids, positions, key_valid, caches)
@@ -255,6 +259,9 @@ class Runtime:
                 extra.update(spec.stats())
             decode_s = clock.lap()
         stream_end(streamer)
+        if counters:
+            extra["moe_expert_load"] = expert_load.loads(counters)
+            extra["moe_maxvio"] = expert_load.maxvio(extra["moe_expert_load"])
         self.monitor.record(GenerationStats(
             batch=batch, prompt_tokens=prompt, new_tokens=produced, time_to_first_token_s=first_token_s,
             decode_s=decode_s, cache_bytes=sum(c.numel() * c.element_size() for c in caches),
