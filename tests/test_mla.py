@@ -15,26 +15,20 @@ from dscompile.passes.kv_cache import build_cached_program
 from dscompile.passes.mla_plan import unfuse_program
 from dscompile.runtime import Runtime
 
-FUSED_KV = {"gpt_neox"}  # one projection makes Q, K and V with heads interleaved: not factored yet
-
 
 @pytest.mark.parametrize("name", list(ZOO))
 def test_full_rank_latent_cache_equals_the_full_forward(name):
     model, _, expect = built(name)
     program = build_cached_program(model, logits="all")
-    unfuse_program(program)  # GPT-2, Phi-3, nanoGPT: the fused QKV projection becomes three
+    unfuse_program(program)  # GPT-2, Phi-3, nanoGPT, GPT-NeoX: the fused QKV projection becomes three
     widths = mla.kv_widths(program)
     result = mla.apply_latent_cache(program, mla.factorize(program, None, 1.0))
     x = torch.randint(0, expect.vocab, (2, 9), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         reference = logits_of(model(x))
     torch.testing.assert_close(chunked_logits(program, x), reference, atol=1e-4, rtol=0)
-    if name in FUSED_KV:
-        assert not result.ranks and len(result.skipped) == expect.layers
-        assert all("fused" in reason for reason in result.skipped.values())
-    else:
-        assert not result.skipped and len(result.ranks) == expect.layers
-        assert [layer.latent for layer in program.layers] == [min(w, r) for w, r in zip(widths, result.ranks.values())]
+    assert not result.skipped and len(result.ranks) == expect.layers
+    assert [layer.latent for layer in program.layers] == [min(w, r) for w, r in zip(widths, result.ranks.values())]
 
 
 def test_half_budget_halves_the_cache_and_generation_runs_compiled():

@@ -15,7 +15,6 @@ from dscompile import ConfigError, UnsupportedError
 from dscompile.evaluate import logits_of
 from dscompile.runtime.generate import prefill_logits
 
-FUSED_KV = {"gpt_neox"}  # heads interleaved in the fused QKV output
 NEAR_FULL = {"mla": {"kv_ratio": 0.999}}  # a budget that rounds to every layer's full K/V rank
 
 
@@ -26,12 +25,9 @@ def test_backend_at_full_rank_equals_the_original(name):
     with torch.no_grad():
         torch.testing.assert_close(logits_of(compiled(x)), logits_of(model(x)), atol=1e-4, rtol=0)
     result = next(p for p in session.graphs[0].passes if p.name == "mla")
-    if name in FUSED_KV:
-        assert result.rewrites == 0 and all("fused" in s for s in result.skipped)
-    else:
-        assert result.rewrites == expect.layers and not result.skipped
-        diff = session.diff()
-        assert diff.kv_bytes_per_token_after <= diff.kv_bytes_per_token_before
+    assert result.rewrites == expect.layers and not result.skipped  # fused QKV (GPT-2, Phi-3, GPT-NeoX) split first
+    diff = session.diff()
+    assert diff.kv_bytes_per_token_after <= diff.kv_bytes_per_token_before
 
 
 def test_backend_halves_the_kv_bytes_and_warns_about_its_few_tokens(caplog):

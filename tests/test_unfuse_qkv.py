@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +15,8 @@ from zoo import built
 import dscompile
 from dscompile.evaluate import logits_of
 from dscompile.passes.kv_cache import build_cached_program
-from dscompile.passes.unfuse_qkv import split_fused_qkv
+from dscompile.passes.mla_plan import layer_key
+from dscompile.passes.unfuse_qkv import source_ptr, split_fused_qkv
 from dscompile.runtime.generate import prefill_outputs
 
 
@@ -57,12 +60,31 @@ def test_split_is_exact_and_reads_the_fused_weight_in_place(name):
     assert all(n.graph is program.gm.graph for n in a.nodes)  # the cut pieces left the graph and the match
 
 
-def test_interleaved_heads_and_other_readers_stay_fused():
-    """GPT-NeoX cuts each head's ``[q k v]`` after a view; a model that also reads the fused output elsewhere
-    cannot lose it. Both are left alone and MLA says why."""
-    neox, _, _ = built("gpt_neox")
-    program = build_cached_program(neox)
-    assert all(a.fused_qkv for a in split_fused_qkv(program.gm, program.matches.attention))
+def test_interleaved_heads_are_gathered_copies_that_remember_where_they_came_from():
+    """GPT-NeoX views the fused output as ``[..., heads, 3 * head_dim]``, transposes and cuts each head's
+    ``[q k v]``: each piece becomes a projection onto every head's rows (a copy) viewed and transposed as before."""
+    model, x, _ = built("gpt_neox")
+    program = build_cached_program(model)
+    before = prefill_outputs(program, x)[0]
+    attn = program.matches.attention[0]
+    fused, fused_bias, heads, dim = attn.k.weight.tensor, attn.k.bias.tensor, attn.n_heads, attn.head_dim
+    attentions = split_fused_qkv(program.gm, program.matches.attention)
+    assert not any(a.fused_qkv for a in attentions)
+    torch.testing.assert_close(prefill_outputs(program, x)[0], before, atol=1e-6, rtol=0)
+    a = attentions[0]
+    for part, info in enumerate((a.q, a.k, a.v)):
+        rows = (torch.arange(heads)[:, None] * 3 * dim + part * dim + torch.arange(dim)).reshape(-1)
+        assert torch.equal(info.weight.tensor, fused[rows])
+        assert torch.equal(info.bias.tensor, fused_bias[rows])
+        assert source_ptr(info.weight.tensor) == fused[part * dim].data_ptr() != info.weight.tensor.data_ptr()
+    # another graph of the same model gathers its own copies, at the same source: one layer key for both
+    again = build_cached_program(model)
+    assert [layer_key(b) for b in split_fused_qkv(again.gm, again.matches.attention)] == \
+        [layer_key(b) for b in attentions]
+
+
+def test_a_fused_output_read_some_other_way_stays_fused():
+    """A model that also reads the fused output elsewhere cannot lose it: left alone, and MLA says why."""
     other = build_cached_program(ChunkedLM(also_read_fused=True).eval())
     assert all(a.fused_qkv for a in split_fused_qkv(other.gm, other.matches.attention))
     x = torch.randint(0, 80, (1, 8))
@@ -88,14 +110,16 @@ def test_a_hand_written_chunked_qkv_model_gets_a_latent_cache():
     assert torch.equal(out, greedy_by_forward(half, x, 6))
 
 
-def test_gpt2_with_a_latent_cache_saves_and_loads(tmp_path):
-    """The split projections are views at offsets into ``c_attn.weight``: the saved layers find them again."""
-    model, x, expect = built("gpt2")
+@pytest.mark.parametrize("name", ["gpt2", "gpt_neox"])
+def test_a_split_model_with_a_latent_cache_saves_and_loads(tmp_path, name):
+    """GPT-2's split projections are views at offsets into ``c_attn.weight``, GPT-NeoX's gathered copies remember
+    theirs: the saved layers find them again, in a copy of the model whose tensors live elsewhere."""
+    model, x, expect = built(name)
     calibration = torch.randint(0, expect.vocab, (4, 64), generator=torch.Generator().manual_seed(3))
     opt = dscompile.optimize(model, {"mla": {"kv_ratio": 0.5}}, calibration, example_inputs=x, lower="eager")
     assert len(opt.report().to_dict()["mla_ranks"]) == expect.layers
-    opt.save(tmp_path / "gpt2")
-    loaded = dscompile.load_optimized(tmp_path / "gpt2", model, example_inputs=x)
+    opt.save(tmp_path / name)
+    loaded = dscompile.load_optimized(tmp_path / name, copy.deepcopy(model), example_inputs=x)
     with torch.no_grad():
         torch.testing.assert_close(logits_of(loaded(x)), logits_of(opt(x)), atol=1e-6, rtol=0)
     assert torch.equal(loaded.generate(x, max_new_tokens=5, eos_token_id=[]),

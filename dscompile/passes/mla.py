@@ -59,7 +59,7 @@ def calibrate(program: CachedProgram, batches: Sequence[torch.Tensor]) -> dict[i
 def unsupported_reason(attn: AttentionMatch) -> str | None:
     """Why a layer's K and V cannot go through one latent yet, or None when they can."""
     if attn.fused_qkv:
-        return "fused QKV projection not cut into q, k, v column ranges (e.g. heads interleaved as in GPT-NeoX)"
+        return "fused QKV projection not cut into q, k, v (its output is also read some other way)"
     if attn.k.weight_layout != "out_in" or attn.v.weight_layout != "out_in":
         return "transposed K/V projection weights (x @ W) are not supported yet"
     if not ops.is_op(attn.k.node, ops.LINEAR) or not ops.is_op(attn.v.node, ops.LINEAR):

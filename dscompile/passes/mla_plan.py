@@ -23,7 +23,7 @@ from ..patterns import AttentionMatch
 from ..profile import MLAConfig
 from . import mla
 from .mla_rope import choose_rope_dims, default_rope_dims, rope_reason
-from .unfuse_qkv import split_fused_qkv
+from .unfuse_qkv import source_ptr, split_fused_qkv
 
 log = logging.getLogger("dscompile")
 
@@ -41,7 +41,7 @@ def layer_key(attn: AttentionMatch) -> Key | None:
     k, v = attn.k.weight.tensor, attn.v.weight.tensor
     if k is None or v is None:
         return None
-    return k.data_ptr(), tuple(k.shape), v.data_ptr(), tuple(v.shape)
+    return source_ptr(k), tuple(k.shape), source_ptr(v), tuple(v.shape)
 
 
 @dataclass

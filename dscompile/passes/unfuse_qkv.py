@@ -8,7 +8,12 @@ that produce it: exact, as every output element is the same dot product.
 
 Which columns a piece takes is found by running the graph's own cutting ops on a probe tensor holding each column's
 index, so ``split``, ``chunk``, ``narrow``, ``slice`` and indexing at the ATen or the torch level are read alike.
-Layouts that interleave heads (GPT-NeoX views ``[..., heads, 3 * head_dim]`` before cutting) are left fused.
+
+Layouts that interleave heads (GPT-NeoX views the output as ``[..., heads, 3 * head_dim]``, optionally transposes
+it, then cuts the last dimension) are split too: each piece's rows are every head's slice of the fused weight, a
+gathered copy (no view can express them), and the new projection's output is viewed and transposed as the piece was.
+Such a copy carries the address of its first row in the fused weight (:func:`source_ptr`), so a layer is known by
+the same key in every graph, and a saved plan finds it again.
 """
 
 from __future__ import annotations
@@ -50,6 +55,41 @@ def split_fused_qkv(gm: GraphModule, attentions: Sequence[AttentionMatch],
     return out
 
 
+@dataclasses.dataclass
+class _Piece:
+    """One of q, k, v: the node that holds it, the fused output columns it takes (in its own order), and, for an
+    interleaved layout, the view and the shape ops that turn a projection's output into it."""
+
+    node: Node
+    columns: torch.Tensor
+    view: Node | None = None
+    chain: tuple[Node, ...] = ()
+
+    @property
+    def span(self) -> tuple[int, int] | None:
+        """``(lo, hi)`` when the columns are one contiguous range (the rows can be a view of the fused weight)."""
+        lo = int(self.columns[0])
+        return (lo, lo + len(self.columns)) if torch.equal(self.columns, torch.arange(lo, lo + len(self.columns))) \
+            else None
+
+
+def source_ptr(tensor: torch.Tensor) -> int:
+    """Where ``tensor``'s first element lives in the model: its own address, or for a gathered copy of a fused
+    weight's rows the address of its first row in that weight."""
+    return getattr(tensor, "_dscompile_source_ptr", tensor.data_ptr())
+
+
+def _rows(tensor: torch.Tensor, columns: torch.Tensor, piece: _Piece, out_in: bool, bias: bool) -> torch.Tensor:
+    """The rows of a fused weight (``out_in`` layout, or ``in_out`` as Conv1D keeps it) or bias behind ``columns``."""
+    tensor = tensor if bias or out_in else tensor.t()
+    span = piece.span
+    if span is not None:
+        return tensor[span[0]:span[1]]
+    rows = tensor[columns].contiguous()
+    rows._dscompile_source_ptr = tensor[int(columns[0])].data_ptr()  # type: ignore[attr-defined]
+    return rows
+
+
 def _split(gm: GraphModule, attn: AttentionMatch, prefix: str,
            weights: dict[str, WeightRef] | None) -> AttentionMatch | None:
     fused = attn.k
@@ -58,41 +98,45 @@ def _split(gm: GraphModule, attn: AttentionMatch, prefix: str,
     out, x = _output_and_input(fused)
     if out is None or x is None:
         return None
-    pieces = _pieces(out, fused.out_features)
+    pieces = _pieces(out, fused.out_features) or _head_pieces(out, fused.out_features)
     sizes = [attn.n_heads * attn.head_dim, attn.n_kv_heads * attn.head_dim, attn.n_kv_heads * attn.v_head_dim]
-    if pieces is None or [hi - lo for _, lo, hi in pieces] != sizes or pieces[0][1] != 0 \
-            or any(a[2] != b[1] for a, b in zip(pieces, pieces[1:])):
+    if pieces is None or [len(p.columns) for p in pieces] != sizes or \
+            not torch.equal(torch.cat([p.columns for p in pieces]).sort().values, torch.arange(sum(sizes))):
         return None
     graph = gm.graph
     aten = isinstance(fused.node.target, torch._ops.OpOverload)
-    first = min((p for p, _, _ in pieces), key=list(graph.nodes).index)
+    first = min((p.view or p.node for p in pieces), key=list(graph.nodes).index)
     parts: list[dict[str, WeightRef]] = []
     with graph.inserting_before(first):  # every weight before every projection: later rewrites may read any of them
-        for part, (_, lo, hi) in zip("qkv", pieces):
+        for part, piece in zip("qkv", pieces):
             refs: dict[str, WeightRef] = {}
             for kind, ref in (("weight", fused.weight), ("bias", fused.bias)):
                 if ref is None or ref.tensor is None:
                     continue
-                tensor = ref.tensor.detach()
-                tensor = tensor[lo:hi] if kind == "bias" or fused.weight_layout == "out_in" else tensor[:, lo:hi].t()
+                tensor = _rows(ref.tensor.detach(), piece.columns, piece, fused.weight_layout == "out_in",
+                               kind == "bias")
                 name = f"{prefix}_{part}_{kind}"
                 gm.register_buffer(name, tensor, persistent=False)
                 node = graph.get_attr(name)
                 node.meta["val"] = tensor
-                refs[kind] = WeightRef(f"{ref.name}[{lo}:{hi}]", node, tensor)
+                span = piece.span
+                where = f"{span[0]}:{span[1]}" if span else f"{part} of each head"
+                refs[kind] = WeightRef(f"{ref.name}[{where}]", node, tensor)
             parts.append(refs)
             if weights is not None:
                 weights.update({ref.node.name: ref for ref in refs.values()})
     infos = []
-    for refs, (piece, lo, hi) in zip(parts, pieces):
+    for refs, piece in zip(parts, pieces):
         with graph.inserting_before(first):
             bias = refs["bias"].node if "bias" in refs else None
             linear = graph.call_function(torch.ops.aten.linear.default if aten else F.linear,
                                          (x, refs["weight"].node, bias))
-        linear.meta = dict(piece.meta)
-        piece.replace_all_uses_with(linear)
+        linear.meta = dict(piece.node.meta)
+        shaped = _reshape_like(graph, linear, piece, node_value(out))
+        piece.node.replace_all_uses_with(shaped)
         infos.append(LinearInfo(node=linear, input=x, weight=refs["weight"], bias=refs.get("bias"),
-                                in_features=fused.in_features, out_features=hi - lo, weight_layout="out_in"))
+                                in_features=fused.in_features, out_features=len(piece.columns),
+                                weight_layout="out_in"))
     q, k, v = infos
     return dataclasses.replace(attn, q=q, k=k, v=v, fused_qkv=False,
                                nodes=[*attn.nodes, *(i.node for i in infos)])
@@ -115,30 +159,97 @@ def _output_and_input(fused: LinearInfo) -> tuple[Node | None, Node | None]:
     return out, None
 
 
-def _pieces(out: Node, width: int) -> list[tuple[Node, int, int]] | None:
+def _pieces(out: Node, width: int) -> list[_Piece] | None:
     """The nodes that take column ranges of ``out`` (every use of it must be one), in column order."""
     val = node_value(out)
     if not isinstance(val, torch.Tensor) or val.shape[-1] != width:
         return None
     probe = torch.arange(width).reshape([1] * (val.dim() - 1) + [width])
-    pieces: list[tuple[Node, int, int]] = []
-    for user in out.users:
+    pieces = []
+    for node, columns in _cut(out, probe) or []:
+        span = _span(columns, probe.shape)
+        if span is None:
+            return None
+        pieces.append(_Piece(node, torch.arange(*span)))
+    return sorted(pieces, key=lambda p: int(p.columns[0])) or None
+
+
+def _head_pieces(out: Node, width: int) -> list[_Piece] | None:
+    """GPT-NeoX's layout: ``out`` viewed as ``[..., heads, per_head]``, transposed or not (the last dimension stays
+    last), then cut along the last dimension; each piece's columns in its own ``(head, dim)`` order."""
+    val = node_value(out)
+    if len(out.users) != 1 or not isinstance(val, torch.Tensor) or val.shape[-1] != width:
+        return None
+    (view,) = out.users
+    shaped = node_value(view)
+    if ops.op_class(view) != ops.VIEW or not isinstance(shaped, torch.Tensor) or shaped.dim() != val.dim() + 1 \
+            or tuple(shaped.shape[:-2]) != tuple(val.shape[:-1]):
+        return None
+    heads, per_head = int(shaped.shape[-2]), int(shaped.shape[-1])
+    chain, node = [], view
+    while len(node.users) == 1 and ops.op_class(next(iter(node.users))) == ops.TRANSPOSE:
+        node = next(iter(node.users))
+        chain.append(node)
+    probe = torch.arange(width).reshape([1] * (val.dim() - 1) + [heads, per_head])
+    for link in chain:
+        probe = _run(link, probe)
+        if not isinstance(probe, torch.Tensor) or probe.shape[-1] != per_head:
+            return None  # the transposes must keep each head's values last
+    pieces = []
+    for piece, columns in _cut(node, probe) or []:
+        flat = columns.movedim(-1, 0).reshape(columns.shape[-1], -1)  # [dims, heads]: each head's columns
+        first = flat[0].sort().values
+        if flat.shape[1] != heads or not torch.equal(flat, flat[:1] + torch.arange(flat.shape[0])[:, None]) \
+                or not torch.equal(first // per_head, torch.arange(heads)):
+            return None
+        lo = int(first[0] % per_head)
+        rows = (torch.arange(heads)[:, None] * per_head + lo + torch.arange(flat.shape[0])).reshape(-1)
+        pieces.append(_Piece(piece, rows, view, tuple(chain)))
+    return sorted(pieces, key=lambda p: int(p.columns[0])) or None
+
+
+def _cut(node: Node, probe: torch.Tensor) -> list[tuple[Node, torch.Tensor]] | None:
+    """What each user of ``node`` (a cutting op, or a split read by ``getitem``) takes of ``probe``."""
+    taken: list[tuple[Node, Any]] = []
+    for user in node.users:
         result = _run(user, probe)
         if result is None:
             return None
         if isinstance(result, torch.Tensor):
-            taken: list[tuple[Node, Any]] = [(user, result)]
+            taken.append((user, result))
         elif all(u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int)
                  for u in user.users):
-            taken = [(u, result[u.args[1]]) for u in user.users]
+            taken += [(u, result[u.args[1]]) for u in user.users]
         else:
             return None
-        for node, columns in taken:
-            span = _span(columns, probe.shape)
-            if span is None:
-                return None
-            pieces.append((node, *span))
-    return sorted(pieces, key=lambda p: p[1])
+    return taken
+
+
+def _reshape_like(graph: torch.fx.Graph, linear: Node, piece: _Piece, fused: torch.Tensor) -> Node:
+    """``linear``'s output shaped as ``piece`` was: the same view (this piece's head width last) and transposes.
+    Each new node's example value is computed from ``fused``, the fused output's."""
+    if piece.view is None:
+        return linear
+    heads = int(node_value(piece.view).shape[-2])
+    per_head = len(piece.columns) // heads
+    value = fused[..., :len(piece.columns)]
+    linear.meta = {"val": value}
+    view = piece.view
+    sizes = list(view.args[1]) if len(view.args) == 2 and isinstance(view.args[1], (list, tuple)) else \
+        list(view.args[1:])
+    if sizes[-1] != -1:
+        sizes[-1] = per_head
+    with graph.inserting_after(linear):
+        node = graph.create_node(view.op, view.target, (linear, sizes) if len(view.args) == 2 and
+                                 isinstance(view.args[1], (list, tuple)) else (linear, *sizes), dict(view.kwargs))
+    value = value.reshape(*value.shape[:-1], heads, per_head)
+    node.meta = {"val": value}
+    for link in piece.chain:
+        with graph.inserting_after(node):
+            node = graph.create_node(link.op, link.target, (node, *link.args[1:]), dict(link.kwargs))
+        value = _run(link, value)
+        node.meta = {"val": value}
+    return node
 
 
 def _run(node: Node, probe: torch.Tensor) -> Any:
@@ -146,9 +257,10 @@ def _run(node: Node, probe: torch.Tensor) -> Any:
     args, kwargs = node.args[1:], node.kwargs
     if _has_node((args, kwargs)):
         return None
-    if node.op == "call_function" and ops.op_class(node) in (ops.SPLIT, ops.SLICE, ops.GETITEM):
+    if node.op == "call_function" and ops.op_class(node) in (ops.SPLIT, ops.SLICE, ops.GETITEM, ops.TRANSPOSE):
         fn: Any = node.target
-    elif node.op == "call_method" and node.target in ("split", "chunk", "narrow", "__getitem__"):
+    elif node.op == "call_method" and node.target in ("split", "chunk", "narrow", "__getitem__", "transpose",
+                                                      "permute"):
         fn = getattr(torch.Tensor, str(node.target))
     else:
         return None
