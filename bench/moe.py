@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import inspect
 import json
 import platform
@@ -29,8 +30,9 @@ import torch
 from dscompile import models
 from dscompile.passes.kv_cache import build_cached_program
 from dscompile.passes.moe_carve import expert_load
-from dscompile.passes.moe_plan import MoEPlan, make_plan, record_ffns
+from dscompile.passes.moe_plan import MoEPlan, make_plan, record_ffns, without_counters
 from dscompile.profile import MoEConfig, Profile
+from dscompile.runtime import Runtime
 
 sys.path.insert(0, str(Path(__file__).parent))
 from mla import WINDOW, _windows, heal_row, perplexity, quality_row, write_result  # noqa: E402
@@ -111,6 +113,15 @@ def speed_worker(config: MoEConfig | None, new: int) -> dict:
         row[f"decode_tokens_per_s_b{batch}"] = runtime.monitor.last.decode_tokens_per_s
         if config is not None:  # live load on this call's tokens (held-out prompts and the model's continuations)
             row[f"maxvio_generate_b{batch}"] = max(runtime.monitor.last.extra["moe_maxvio"].values())
+    if config is not None:  # what the live expert counting costs: the same program without it, same process
+        program = runtime.program
+        uncounted = Runtime(dataclasses.replace(program, gm=without_counters(program.gm),
+                                                decode_gm=without_counters(program.decode_gm)))
+        prompts = torch.tensor([docs[20_000:20_128]])
+        for name, each in (("uncounted", uncounted), ("counted", runtime)):
+            each.generate(prompts, max_new_tokens=new, eos_token_id=[])  # warm-up (compiles the uncounted step)
+            each.generate(prompts, max_new_tokens=new, eos_token_id=[])
+            row[f"decode_tokens_per_s_b1_{name}"] = each.monitor.last.decode_tokens_per_s
     prompt = torch.tensor([docs[30_000:32_048]])
     runtime.generate(prompt, max_new_tokens=1, eos_token_id=[])
     row["prefill_tokens_per_s"] = 2048 / runtime.monitor.last.time_to_first_token_s
