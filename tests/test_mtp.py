@@ -96,9 +96,9 @@ def test_varied_model_batch_eight_with_holes_and_compaction(monkeypatch):
 
 
 def test_compiled_verify_and_draft_steps_are_exact(monkeypatch):
-    """Inductor compiles the verification step and the drafting (thin products as reductions); warm_up compiles
-    the shapes generate uses (the adaptive gate's plain steps too), so generate compiles nothing more. Batch 1:
-    there a row picked from a wider tensor has strides a fresh one lacks, and Dynamo guards on them."""
+    """Inductor compiles the verification step and the drafting (thin products as native kernels); warm_up
+    compiles the shapes generate uses (the adaptive gate's plain steps too), so generate compiles nothing more.
+    Batch 1: there a row picked from a wider tensor has strides a fresh one lacks, and compiled steps key on them."""
     from dscompile.runtime.gate import SpeculationGate
 
     turns = iter([True, True, False] * 40)
@@ -109,9 +109,10 @@ def test_compiled_verify_and_draft_steps_are_exact(monkeypatch):
     runtime = opt.runtime()
     runtime.warm_up(1, 8 + 24)
     counters = torch._dynamo.utils.counters
-    frames = counters["stats"]["unique_graphs"]
+    frames, steps = counters["stats"]["unique_graphs"], runtime.decode_step().compiles
     got = opt.generate(x, max_new_tokens=24)
-    assert counters["stats"]["unique_graphs"] == frames  # nothing recompiled
+    # Nothing recompiled: neither the draft step (Dynamo) nor the verify and plain decode steps (two signatures).
+    assert counters["stats"]["unique_graphs"] == frames and runtime.decode_step().compiles == steps == 2
     assert_same_or_near_tie(model, got, greedy_by_forward(model, x, 24))
     assert opt.monitor.last.extra["mtp_plain_steps"] > 0
 

@@ -298,13 +298,16 @@ class Runtime:
         return produced
 
 
-def _compile_decode(gm: Callable[..., Any], device: torch.device) -> Callable[..., Any]:
-    """CUDA: Inductor with CUDA graphs. CPU: Inductor with thin matmuls as fused reductions (see thin_matmul)."""
+def _compile_decode(fn: Callable[..., Any], device: torch.device) -> Callable[..., Any]:
+    """CUDA: Inductor with CUDA graphs. CPU: Inductor with the decode-step passes (thin products and attention as
+    native kernels, see lower.decode_step); a graph is compiled directly, without Dynamo's per-call cost."""
     if device.type == "cuda":
-        return torch.compile(gm, dynamic=False, fullgraph=True, mode="reduce-overhead")
-    from ..lower.thin_matmul import compile_thin  # imports Inductor: only when a step is compiled
+        return torch.compile(fn, dynamic=False, fullgraph=True, mode="reduce-overhead")
+    from ..lower.decode_step import StaticStep, compile_decode_step  # imports Inductor: only when compiling
 
-    return torch.compile(gm, dynamic=False, fullgraph=True, backend=compile_thin,
+    if isinstance(fn, torch.fx.GraphModule):
+        return StaticStep(fn)
+    return torch.compile(fn, dynamic=False, fullgraph=True, backend=compile_decode_step,
                          options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
 
