@@ -140,7 +140,7 @@ def speed(configs: list[MoEConfig | None], new: int) -> list[dict]:
         row = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(row)
         base = rows[0]
-        ratios = {k: row[k] / base[k] for k in row if k.startswith(("decode_tokens", "prefill", "peak"))}
+        ratios = {k: row[k] / base[k] for k in row if k in base and k.startswith(("decode_tokens", "prefill", "peak"))}
         print(spec, {k: round(v, 2) for k, v in row.items() if isinstance(v, float)},
               {k: round(v, 3) for k, v in ratios.items()}, flush=True)
     return rows

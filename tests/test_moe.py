@@ -13,8 +13,9 @@ from zoo import ZOO, built
 import dscompile
 from dscompile import ConfigError
 from dscompile.evaluate import logits_of
+from dscompile.ops import native
 from dscompile.passes import moe_carve
-from dscompile.passes.moe_ops import moe_ffn, neuron_activations
+from dscompile.passes.moe_ops import NATIVE, moe_ffn, neuron_activations
 from dscompile.runtime.generate import prefill_logits
 
 ALL_ACTIVE = {"moe": {"n_experts": 8, "n_shared": 2, "top_k": 6}}  # every routed expert chosen: the dense FFN
@@ -53,6 +54,10 @@ def test_gathered_and_masked_compute_the_same_function(gated, activation):
             masked = moe_ffn(rows, shared, experts, down_t, router, bias, down_bias, top_k, activation, False)
             gathered = moe_ffn(rows, shared, experts, down_t, router, bias, down_bias, top_k, activation, True)
             torch.testing.assert_close(gathered, masked, atol=1e-4, rtol=1e-5)
+            if native.load():  # the native kernel where the gathered form serves, shared choices included
+                with torch.no_grad():
+                    fast = moe_ffn(rows, shared, experts, down_t, router, bias, down_bias, top_k, activation, NATIVE)
+                torch.testing.assert_close(fast, masked, atol=1e-4, rtol=1e-5)
     # with every expert chosen it is the dense FFN over all neurons
     gate, up, down, gb, ub = (None if t is None else t.reshape(-1, *t.shape[2:]) for t in experts)
     cat = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
@@ -178,3 +183,39 @@ def test_an_ffn_whose_activation_is_not_reproduced_is_left_dense():
     assert "do not reproduce" in moe_carve.dense_rows(ffn, rows, a)
     ffn.activation = "softplus"
     assert "has no carved form" in moe_carve.unsupported_reason(ffn)
+
+
+@pytest.mark.skipif(not native.load(), reason="native kernels need a C++ compiler")
+def test_native_experts_serve_decode_steps_and_leave_training_to_autograd():
+    """The decode lowering switches gathered FFNs to the native kernel; with autograd on the same call takes the
+    gathered formulation, so gradients still reach the experts."""
+    from dscompile.lower.decode_step import GATHERED, native_experts
+
+    x, shared, experts, down_t, router, bias, down_bias = _experts()
+    graph, root = torch.fx.Graph(), torch.nn.Module()
+    inputs = graph.placeholder("x")
+
+    def attr(tensor):  # weights are attributes in a program's graph, as rewrite_ffn registers them
+        if tensor is None:
+            return None
+        name = f"w{len(root._buffers)}"
+        root.register_buffer(name, tensor)
+        return graph.get_attr(name)
+
+    node = graph.call_function(moe_ffn, (inputs, tuple(map(attr, shared)), tuple(map(attr, experts)), attr(down_t),
+                                         attr(router), attr(bias), attr(down_bias), 3, "silu", True, None))
+    graph.output(node)
+    gm = native_experts(torch.fx.GraphModule(root, graph))
+    assert node.args[GATHERED] == NATIVE
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        out = gm(x[:, :1])
+    assert "dscompile::moe_experts" in {e.key for e in prof.key_averages()}
+    expected = moe_ffn(x[:, :1], shared, experts, down_t, router, bias, down_bias, 3, "silu", False)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-5)
+    up = experts[1].clone().requires_grad_()
+    trained = (experts[0], up, *experts[2:])
+    moe_ffn(x[:, :1], shared, trained, down_t, router, bias, down_bias, 3, "silu", NATIVE).square().sum().backward()
+    assert up.grad is not None and up.grad.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="unknown activation"):
+        torch.ops.dscompile.moe_experts(x[0], torch.zeros(5, 1, dtype=torch.long), None, experts[1], experts[2], None,
+                                        None, "swish")

@@ -16,8 +16,12 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.fx import Graph, GraphModule
 
+from ..ops import native
+from ..passes.moe_ops import NATIVE, moe_ffn
 from .decode_attention import DecodeAttentionPass
 from .thin_matmul import ThinMatmulPass
+
+GATHERED = 9  # moe_ffn's argument that picks its formulation
 
 
 class DecodeStepPasses(CustomGraphPass):
@@ -34,10 +38,22 @@ class DecodeStepPasses(CustomGraphPass):
         return tuple(graph_pass.uuid() for graph_pass in self.passes)
 
 
+def native_experts(gm: GraphModule) -> GraphModule:
+    """Switch ``gm``'s gathered MoE FFNs to the native experts kernel (in place), where the kernels are built."""
+    if native.load():
+        for node in gm.graph.nodes:
+            if node.target is moe_ffn and len(node.args) > GATHERED and node.args[GATHERED] is True:
+                node.update_arg(GATHERED, NATIVE)
+        gm.recompile()
+    return gm
+
+
 def compile_decode_step(gm: GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
-    """A ``torch.compile`` backend for CPU decode steps: Inductor with :class:`DecodeStepPasses`."""
+    """A ``torch.compile`` backend for CPU decode steps: Inductor with :class:`DecodeStepPasses`, MoE experts as
+    the native kernel."""
     from torch._inductor.compile_fx import compile_fx
 
+    native_experts(gm)
     # Size asserts re-check every input and output on every call; callers (StaticStep, Dynamo) already key on shapes.
     patches = {"post_grad_custom_post_pass": DecodeStepPasses(), "size_asserts": False}
     return compile_fx(gm, list(example_inputs), config_patches=patches)

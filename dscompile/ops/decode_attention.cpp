@@ -16,42 +16,12 @@
 #include <optional>
 #include <vector>
 
+#include "vector.h"
+
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int VW = 16;
-#else
-constexpr int VW = 8;
-#endif
-typedef float vec __attribute__((vector_size(VW * 4), aligned(4)));
-
-typedef float half_vec __attribute__((vector_size(32), aligned(4)));
-typedef float quarter_vec __attribute__((vector_size(16), aligned(4)));
-
-// The sum of a vector's lanes as a tree (halves added), so the sums of many vectors overlap in the pipeline.
-static inline float lane_sum(vec a) {
-  half_vec h;
-#if defined(__AVX512F__)
-  half_vec lo, hi;
-  __builtin_memcpy(&lo, &a, sizeof lo);
-  __builtin_memcpy(&hi, reinterpret_cast<const char*>(&a) + sizeof lo, sizeof hi);
-  h = lo + hi;
-#else
-  h = a;
-#endif
-  quarter_vec l4, h4;
-  __builtin_memcpy(&l4, &h, sizeof l4);
-  __builtin_memcpy(&h4, reinterpret_cast<const char*>(&h) + sizeof l4, sizeof h4);
-  quarter_vec s = l4 + h4;
-  return (s[0] + s[2]) + (s[1] + s[3]);
-}
 constexpr float MASKED = -1e30f;  // an additive mask at or below this excludes the slot (the runtime uses finfo.min)
 constexpr long SLICE = 512;       // cache slots per task at most
-
-inline vec load(const float* p) { return *reinterpret_cast<const vec*>(p); }
-inline void store(float* p, vec v) { *reinterpret_cast<vec*>(p) = v; }
-
-typedef int ivec __attribute__((vector_size(VW * 4)));
 
 // exp(x) for a vector (Cephes' single-precision polynomial, within 2 ulp); -inf gives 0.
 inline vec vexp(vec x) {
@@ -91,12 +61,6 @@ inline float exp_sum(float* s, long n, float best) {
     sum += s[i];
   }
   return sum;
-}
-
-inline void axpy(float* y, float a, const float* x, long n) {  // y += a * x
-  long i = 0;
-  for (; i + VW <= n; i += VW) store(y + i, load(y + i) + a * load(x + i));
-  for (; i < n; i++) y[i] += a * x[i];
 }
 
 constexpr int SLOTS = 8;  // cache slots scored at once: independent accumulators hide the FMA latency

@@ -22,7 +22,8 @@ import torch
 
 log = logging.getLogger("dscompile")
 
-SOURCES = ("thin_linear.cpp", "decode_attention.cpp")
+SOURCES = ("thin_linear.cpp", "decode_attention.cpp", "moe_experts.cpp")
+HEADERS = ("vector.h", "thin_rows.h")
 LIBRARY = "libdscompile_kernels.so"
 _state: dict[str, object] = {}
 
@@ -51,9 +52,9 @@ def load() -> bool:
     return bool(_state["loaded"])
 
 
-def source_files() -> tuple[str, ...]:
-    """The kernels' source files (their hash is part of the compiled graphs' cache key)."""
-    return tuple(str(Path(__file__).parent / name) for name in SOURCES)
+def source_files(headers: bool = True) -> tuple[str, ...]:
+    """The kernels' source files, headers included (their hash is part of the compiled graphs' cache key)."""
+    return tuple(str(Path(__file__).parent / name) for name in SOURCES + (HEADERS if headers else ()))
 
 
 def compiler() -> str:
@@ -84,7 +85,8 @@ def compile_command(output: Path, arch: str = "native") -> list[str]:
         compiler(), "-O3", f"-march={arch}", "-std=c++17", "-fopenmp", "-shared", "-fPIC", "-w",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
-        *source_files(), f"-L{root / 'lib'}", f"-Wl,-rpath,{root / 'lib'}", "-ltorch_cpu", "-lc10", "-o", str(output),
+        *source_files(headers=False), f"-L{root / 'lib'}", f"-Wl,-rpath,{root / 'lib'}", "-ltorch_cpu", "-lc10",
+        "-o", str(output),
     ]
 
 
@@ -121,6 +123,12 @@ def _register_fakes() -> None:
     def _thin_linear_many(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor | None]
                           ) -> list[torch.Tensor]:
         return [x.new_empty(x.shape[0], w.shape[0]) for w in ws]
+
+    @torch.library.register_fake("dscompile::moe_experts")
+    def _moe_experts(x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor | None, up: torch.Tensor,
+                     down: torch.Tensor, gate_bias: torch.Tensor | None, up_bias: torch.Tensor | None,
+                     activation: str) -> torch.Tensor:
+        return x.new_empty(x.shape)
 
     @torch.library.register_fake("dscompile::decode_attention")
     def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

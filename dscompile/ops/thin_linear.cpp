@@ -13,76 +13,9 @@
 #include <optional>
 #include <vector>
 
-#if defined(__AVX512F__)
-constexpr int VW = 16, ROWS = 3;  // 32 vector registers: 3 weight rows x 8 input rows of accumulators
-#else
-constexpr int VW = 8, ROWS = 1;   // AVX2 (16 registers): 1 weight row x 8 input rows
-#endif
-typedef float vec __attribute__((vector_size(VW * 4), aligned(4)));
+#include "thin_rows.h"
 
-typedef float half_vec __attribute__((vector_size(32), aligned(4)));
-typedef float quarter_vec __attribute__((vector_size(16), aligned(4)));
-
-// The sum of a vector's lanes as a tree (halves added), so the sums of many vectors overlap in the pipeline.
-static inline float lane_sum(vec a) {
-  half_vec h;
-#if defined(__AVX512F__)
-  half_vec lo, hi;
-  __builtin_memcpy(&lo, &a, sizeof lo);
-  __builtin_memcpy(&hi, reinterpret_cast<const char*>(&a) + sizeof lo, sizeof hi);
-  h = lo + hi;
-#else
-  h = a;
-#endif
-  quarter_vec l4, h4;
-  __builtin_memcpy(&l4, &h, sizeof l4);
-  __builtin_memcpy(&h4, reinterpret_cast<const char*>(&h) + sizeof l4, sizeof h4);
-  quarter_vec s = l4 + h4;
-  return (s[0] + s[2]) + (s[1] + s[3]);
-}
-// How far ahead the weight loads are announced, in floats: into L1 and, further, into L2 (measured on a 2-core
-// Xeon with 8 input rows: 20.8 -> 23.7 GB/s on [1536, 576] weights, 24.9 -> 27.1 on the [49152, 576] LM head).
-constexpr long PREFETCH_L1 = 8192 / 4, PREFETCH_L2 = 49152 / 4;
-constexpr long GRAIN = 16;         // weight-row blocks per parallel task
-
-// y[m, n + r] for M input rows (M <= 8) and R weight rows starting at n.
-template <int M, int R>
-static inline __attribute__((always_inline)) void block(const float* x, long ldx, long K, const float* w, long ldw,
-                                                        float* y, long ldy, long n, const float* bias) {
-  vec acc[R][M] = {};
-  const float* wr = w + n * ldw;
-  long k = 0;
-  for (; k + VW <= K; k += VW) {
-    vec a[R];
-    for (int r = 0; r < R; r++) {
-      a[r] = *reinterpret_cast<const vec*>(wr + r * ldw + k);
-      __builtin_prefetch(wr + r * ldw + k + PREFETCH_L1, 0, 3);
-      __builtin_prefetch(wr + r * ldw + k + PREFETCH_L2, 0, 2);
-    }
-    for (int m = 0; m < M; m++) {
-      vec xv = *reinterpret_cast<const vec*>(x + m * ldx + k);
-      for (int r = 0; r < R; r++) acc[r][m] += a[r] * xv;
-    }
-  }
-  for (int m = 0; m < M; m++) {
-    for (int r = 0; r < R; r++) {
-      float s = lane_sum(acc[r][m]);
-      for (long j = k; j < K; j++) s += x[m * ldx + j] * wr[r * ldw + j];
-      y[m * ldy + n + r] = bias ? s + bias[n + r] : s;
-    }
-  }
-}
-
-// Every input row against weight rows n .. n + R - 1, eight input rows at a time (the weight rows stay in L1).
-template <int R>
-static inline void all_rows(const float* x, long ldx, long M, long K, const float* w, long ldw, float* y, long N,
-                            long n, const float* bias) {
-  long m = 0;
-  for (; m + 8 <= M; m += 8) block<8, R>(x + m * ldx, ldx, K, w, ldw, y + m * N, N, n, bias);
-  if (M - m >= 4) { block<4, R>(x + m * ldx, ldx, K, w, ldw, y + m * N, N, n, bias); m += 4; }
-  if (M - m >= 2) { block<2, R>(x + m * ldx, ldx, K, w, ldw, y + m * N, N, n, bias); m += 2; }
-  if (M - m >= 1) block<1, R>(x + m * ldx, ldx, K, w, ldw, y + m * N, N, n, bias);
-}
+constexpr long GRAIN = 16;  // weight-row blocks per parallel task
 
 namespace {
 
@@ -132,11 +65,13 @@ std::vector<at::Tensor> thin_linear_many(const at::Tensor& x_, at::TensorList ws
     for (long i = begin; i < end; i++) {
       while (i >= products[p].first_block + products[p].N / ROWS) p++;
       const Product& pr = products[p];
-      all_rows<ROWS>(xp, ldx, M, K, pr.w, pr.ldw, pr.y, pr.N, (i - pr.first_block) * ROWS, pr.bias);
+      all_rows<ROWS>(xp, ldx, M, K, pr.w, pr.ldw, pr.y, pr.N, (i - pr.first_block) * ROWS, pr.bias,
+                     pr.w + pr.N * pr.ldw);
     }
   });
   for (const Product& pr : products)  // rows left over from the blocks
-    for (long n = pr.N / ROWS * ROWS; n < pr.N; n++) all_rows<1>(xp, ldx, M, K, pr.w, pr.ldw, pr.y, pr.N, n, pr.bias);
+    for (long n = pr.N / ROWS * ROWS; n < pr.N; n++)
+      all_rows<1>(xp, ldx, M, K, pr.w, pr.ldw, pr.y, pr.N, n, pr.bias, pr.w + pr.N * pr.ldw);
   return outputs;
 }
 
