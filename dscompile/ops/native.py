@@ -1,8 +1,11 @@
 """Native CPU kernels, built on first use with the machine's C++ compiler and kept in the user cache.
 
-The decode step's thin products (``lower.thin_matmul``) run fastest as a hand-blocked kernel that streams each
-weight row once for all rows of the step. It is built for the very CPU it runs on (``-march=native``), so it ships
-as source: the first call compiles it (a few seconds), later processes load the cached library. The cache key
+A CPU decode step is bound by reading weights and cache, and runs fastest with kernels written for that: thin
+products that stream each weight row once for all rows of the step (``thin_linear.cpp``, used by
+``lower.thin_matmul``), attention that reads each cached key and value once for all query heads
+(``decode_attention.cpp``, ``lower.decode_attention``), and MoE experts read once for all tokens that chose them
+(``moe_experts.cpp``, ``passes.moe_ops``). They are built for the very CPU they run on (``-march=native``), so they
+ship as source: the first call compiles them (a few seconds), later processes load the cached library. The cache key
 covers the source, torch's version and ABI, the compiler and the CPU's instruction sets, so a changed machine or
 torch builds anew. Without a compiler, or when the build fails, :func:`load` says why once and returns False; the
 callers then keep their portable path. ``DSCOMPILE_NATIVE_KERNELS=0`` turns the kernels off.
