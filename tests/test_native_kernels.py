@@ -21,11 +21,12 @@ MIN = torch.finfo(torch.float32).min
 
 
 def _products(seed: int = 0):
-    """(x, w, b) cases: 1-16 rows, widths with and without a vector tail, row counts that leave rows over, a weight
-    whose rows are strided (a column slice), an activation that is not contiguous."""
+    """(x, w, b) cases: 1-16 rows (every count below 8 is its own block), widths with and without a vector tail, row
+    counts that leave rows over, a weight whose rows are strided (a column slice), an activation that is not
+    contiguous."""
     g = torch.Generator().manual_seed(seed)
     cases = []
-    for rows in (1, 2, 3, 5, 8, 9, 12, 16):
+    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 15, 16):  # every remainder block after eight rows
         for k, n in ((576, 193), (37, 11), (1536, 64)):
             x, w, b = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
             cases.append((x, w, b))

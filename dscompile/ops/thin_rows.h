@@ -43,13 +43,24 @@ static inline __attribute__((always_inline)) void block(const float* x, long ldx
   }
 }
 
-// Every input row against weight rows n .. n + R - 1, eight input rows at a time (the weight rows stay in L1).
+// Every input row against weight rows n .. n + R - 1, eight input rows at a time (the weight rows stay in L1), the
+// rest in one block of exactly their count: splitting 5 rows into 4 + 1 walks the weight rows twice and cost 20%
+// on the LM head (measured on a 2-core Xeon: 3.03 ms at 5 rows against 2.24 at 4).
 template <int R>
 static inline void all_rows(const float* x, long ldx, long M, long K, const float* w, long ldw, float* y, long N,
                             long n, const float* bias, const float* wend) {
   long m = 0;
   for (; m + 8 <= M; m += 8) block<8, R>(x + m * ldx, ldx, K, w, ldw, y + m * N, N, n, bias, wend);
-  if (M - m >= 4) { block<4, R>(x + m * ldx, ldx, K, w, ldw, y + m * N, N, n, bias, wend); m += 4; }
-  if (M - m >= 2) { block<2, R>(x + m * ldx, ldx, K, w, ldw, y + m * N, N, n, bias, wend); m += 2; }
-  if (M - m >= 1) block<1, R>(x + m * ldx, ldx, K, w, ldw, y + m * N, N, n, bias, wend);
+  x += m * ldx;
+  y += m * N;
+  switch (M - m) {
+    case 7: block<7, R>(x, ldx, K, w, ldw, y, N, n, bias, wend); break;
+    case 6: block<6, R>(x, ldx, K, w, ldw, y, N, n, bias, wend); break;
+    case 5: block<5, R>(x, ldx, K, w, ldw, y, N, n, bias, wend); break;
+    case 4: block<4, R>(x, ldx, K, w, ldw, y, N, n, bias, wend); break;
+    case 3: block<3, R>(x, ldx, K, w, ldw, y, N, n, bias, wend); break;
+    case 2: block<2, R>(x, ldx, K, w, ldw, y, N, n, bias, wend); break;
+    case 1: block<1, R>(x, ldx, K, w, ldw, y, N, n, bias, wend); break;
+    default: break;
+  }
 }
