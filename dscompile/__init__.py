@@ -30,7 +30,7 @@ from .profile import PRESETS, MLAConfig, MoEConfig, MTPConfig, Profile, load_pro
 from .report import Report
 from .report_html import save_plots, write_html_report
 from .saved import load_optimized
-from .train_mtp import MTPTrainReport, train_mtp
+from .train_mtp import MTPTrainReport, measure_mtp, train_mtp
 
 __version__ = "0.1.0"
 
@@ -39,7 +39,7 @@ __all__ = [
     "LoweringError", "MLAConfig", "MTPConfig", "MTPTrainReport", "MatchError", "MatchSet", "MoEConfig",
     "ModelNotFoundError", "OptimizedModel", "Profile", "Report", "UnsupportedError", "configure_logging",
     "deepseek_opt", "diff", "export_onnx", "heal", "inspect", "load_optimized", "load_profile_file", "models",
-    "optimize", "train_mtp",
+    "measure_mtp", "optimize", "train_mtp",
     "LiveMonitor", "save_plots", "write_html_report",
     "export_onnx_runtime", "onnx_generate",
 ]

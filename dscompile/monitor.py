@@ -62,7 +62,9 @@ class GenerationStats:
         kept = ", ".join(f"{a:.2f}" for a in self.extra["mtp_acceptance"])
         plain = self.extra.get("mtp_plain_steps", 0)
         gated = f"; {plain} plain steps where drafting did not pay" if plain else ""
-        return (f", MTP {self.extra['mtp_tokens_per_step']:.2f} tokens/step (drafts kept by position: {kept}"
+        nodes = self.extra.get("mtp_draft_nodes", 0)
+        tree = f" of a {nodes}-node draft tree" if nodes > len(self.extra["mtp_acceptance"]) else ""
+        return (f", MTP {self.extra['mtp_tokens_per_step']:.2f} tokens/step (drafts{tree} kept by depth: {kept}"
                 f"{gated})")
 
 

@@ -72,6 +72,9 @@ class MoEConfig:
         return (self.n_shared + self.top_k) / self.n_experts
 
 
+MAX_DRAFT_NODES = 63  # a draft tree verifies its nodes plus the root: at most 64 rows for a row of the batch
+
+
 @dataclass(frozen=True)
 class MTPConfig:
     """Multi-token prediction: ``depth`` extra heads draft tokens t+2 ... t+1+depth."""
@@ -81,6 +84,7 @@ class MTPConfig:
     draft_vocab: int = 4096  # drafts are projected onto this many of the most predicted tokens
     heads: str | None = None  # a safetensors file of trained heads (OptimizedModel.save_mtp), loaded when set
     speculation: str = "adaptive"  # "adaptive": draft only while it pays (runtime.gate); "always": every step
+    draft_nodes: int | None = None  # tokens drafted per step: None is ``depth`` (a chain), more a tree of them
 
     def __post_init__(self) -> None:
         if not isinstance(self.depth, int) or self.depth < 1:
@@ -91,6 +95,10 @@ class MTPConfig:
             raise ConfigError(f"mtp.draft_vocab must be an integer of at least 16, got {self.draft_vocab!r}")
         if self.speculation not in SPECULATION_MODES:
             raise ConfigError(f"mtp.speculation must be 'adaptive' or 'always', got {self.speculation!r}")
+        if self.draft_nodes is not None and (not isinstance(self.draft_nodes, int) or
+                                             not self.depth <= self.draft_nodes <= MAX_DRAFT_NODES):
+            raise ConfigError(f"mtp.draft_nodes must be an integer from depth ({self.depth}) to {MAX_DRAFT_NODES}, "
+                              f"got {self.draft_nodes!r}")
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ NEW_TOKENS = 96
 GENERATE_BATCH = 16
 TRAIN_BATCH = 16
 HOLDOUT = 0.1
+RANKS = 8  # draft ranks measured for draft trees
 
 
 @dataclass
@@ -49,6 +50,7 @@ class MTPTrainReport:
     tokens: int
     draft_coverage: float  # share of the model's choices inside the draft vocabulary
     acceptance: list[float] = field(default_factory=list)  # chain agreement by depth, held-out (teacher-forced)
+    rank_shares: list[list[float]] = field(default_factory=list)  # by depth: how often the model's token is rank r
     losses: list[float] = field(default_factory=list)
 
     @property
@@ -62,6 +64,7 @@ class MTPTrainReport:
                 "generation_seconds": round(self.generation_seconds, 1), "tokens": self.tokens,
                 "draft_coverage": round(self.draft_coverage, 4), "acceptance": [round(a, 4) for a in self.acceptance],
                 "tokens_per_step": round(self.tokens_per_step, 4),
+                "rank_shares": [[round(x, 4) for x in d] for d in self.rank_shares],
                 "final_loss": round(self.losses[-1], 4) if self.losses else None}
 
 
@@ -104,6 +107,8 @@ def train_mtp(optimized: OptimizedModel, data: Any, tokenizer: Any = None, *, ma
     _fit(heads, sequences[held:], hidden[held:], choices[held:], weights, feature_weight, lr, budget, steps, report,
          progress)
     report.acceptance = chain_acceptance(heads, sequences[:held], hidden[:held], choices[:held], prompt_tokens - 1)
+    report.rank_shares = heads.rank_shares = rank_shares(heads, sequences[:held], hidden[:held], choices[:held],
+                                                         prompt_tokens - 1)
     heads.trained = True
     optimized.runtime().reset_compiled()  # the compiled draft step read the old draft vocabulary
     report.seconds = time.perf_counter() - start
@@ -111,6 +116,28 @@ def train_mtp(optimized: OptimizedModel, data: Any, tokenizer: Any = None, *, ma
              "%s, tau %.2f", report.steps, report.seconds, generation_s, report.tokens, coverage,
              [round(a, 3) for a in report.acceptance], report.tokens_per_step)
     return report
+
+
+@torch.no_grad()
+def measure_mtp(optimized: OptimizedModel, data: Any, tokenizer: Any = None, *, prompts: int = 128,
+                prompt_tokens: int = PROMPT_TOKENS, new_tokens: int = NEW_TOKENS, progress: bool = True
+                ) -> dict[str, Any]:
+    """Measure ``optimized``'s MTP heads on the model's own continuations of prompts cut from ``data`` (as
+    :func:`train_mtp` does on its held-out part): the chained acceptance by depth, the expected tokens per step, and
+    the rank shares that shape the draft tree, which the heads then keep (saved by ``save_mtp``). For heads trained
+    on other text than the prompts you serve, or saved before rank shares were measured."""
+    heads = optimized.mtp_heads()
+    if prompts < 2 or prompt_tokens < 1 or new_tokens < heads.depth + 1:
+        raise ConfigError(f"prompts must be at least 2, prompt_tokens at least 1 and new_tokens at least depth + 1 "
+                          f"({heads.depth + 1})")
+    sequences = _continue(optimized, _prompts(token_batches(data, tokenizer), prompts, prompt_tokens), new_tokens,
+                          progress)
+    hidden, choices = _teacher(optimized, sequences)
+    acceptance = chain_acceptance(heads, sequences, hidden, choices, prompt_tokens - 1)
+    heads.rank_shares = rank_shares(heads, sequences, hidden, choices, prompt_tokens - 1)
+    optimized.runtime().reset_compiled()  # the tree may have changed
+    return {"acceptance": acceptance, "tokens_per_step": 1.0 + sum(acceptance), "rank_shares": heads.rank_shares,
+            "tree": heads.tree()}
 
 
 def _prompts(batches: list[torch.Tensor], count: int, length: int) -> torch.Tensor:
@@ -222,6 +249,22 @@ def chain_acceptance(heads: MTPHeads, tokens: torch.Tensor, hidden: torch.Tensor
         ok = heads.draft_ids[logits.argmax(-1)] == choices[:, k + 1:k + 1 + n]
         agree = ok if agree is None else agree[:, :n] & ok
         out.append(float(agree[:, start:].float().mean()))
+    return out
+
+
+@torch.no_grad()
+def rank_shares(heads: MTPHeads, tokens: torch.Tensor, hidden: torch.Tensor, choices: torch.Tensor, start: int = 0,
+                ranks: int = RANKS) -> list[list[float]]:
+    """Per depth, the share of positions (from ``start``) where the model's token is the head's ``r``-th choice,
+    ``r < ranks``: what a draft tree is chosen by (:meth:`MTPHeads.tree`)."""
+    out = []
+    for k, (_, logits) in enumerate(heads.chain(hidden, tokens)):
+        n = logits.shape[1]
+        want = choices[:, k + 1:k + 1 + n, None] == heads.draft_ids  # [b, n, draft]: where the model's token is
+        inside = want.any(-1)
+        target = logits.masked_fill(~want, float("-inf")).amax(-1, keepdim=True)
+        rank = (logits > target).sum(-1).masked_fill(~inside, ranks)[:, start:]
+        out.append([float((rank == r).float().mean()) for r in range(min(ranks, logits.shape[-1]))])
     return out
 
 

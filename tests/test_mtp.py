@@ -95,7 +95,8 @@ def test_varied_model_batch_eight_with_holes_and_compaction(monkeypatch):
     assert 1.0 < opt.monitor.last.extra["mtp_tokens_per_step"] < 5.0
 
 
-def test_compiled_verify_and_draft_steps_are_exact(monkeypatch):
+@pytest.mark.parametrize("draft_nodes", [2, None])  # the chain, and the default tree (4 nodes)
+def test_compiled_verify_and_draft_steps_are_exact(monkeypatch, draft_nodes):
     """Inductor compiles the verification step and the drafting (thin products as native kernels); warm_up
     compiles the shapes generate uses (the adaptive gate's plain steps too), so generate compiles nothing more.
     Batch 1: there a row picked from a wider tensor has strides a fresh one lacks, and compiled steps key on them."""
@@ -105,8 +106,9 @@ def test_compiled_verify_and_draft_steps_are_exact(monkeypatch):
     monkeypatch.setattr(SpeculationGate, "speculate", lambda self: next(turns))
     model = varied_llama()
     x = ids(1, 8, seed=16)
-    opt = dscompile.optimize(model, {"mtp": {"depth": 2}}, example_inputs=x)
+    opt = dscompile.optimize(model, {"mtp": {"depth": 2, "draft_nodes": draft_nodes}}, example_inputs=x)
     runtime = opt.runtime()
+    assert runtime.draft_tree(1).size == (draft_nodes or 4)
     runtime.warm_up(1, 8 + 24)
     counters = torch._dynamo.utils.counters
     frames, steps = counters["stats"]["unique_graphs"], runtime.decode_step().compiles
@@ -264,7 +266,7 @@ def test_report_and_monitor_show_acceptance():
     report = opt.report().to_dict()
     assert report["mtp_acceptance"] == opt.monitor.last.extra["mtp_acceptance"]
     assert report["mtp_tokens_per_step"] == opt.monitor.last.extra["mtp_tokens_per_step"]
-    assert "tokens/step" in str(opt.monitor.last)
+    assert "tokens/step (drafts of a 6-node draft tree kept by depth: " in str(opt.monitor.last)
     notes = [n for p in report["passes"] if p["name"] == "mtp" for n in p["notes"]]
     assert notes and "3 deepseek MTP head(s)" in notes[0]
 

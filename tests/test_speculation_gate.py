@@ -87,7 +87,7 @@ def test_untrained_heads_stop_drafting_and_the_output_stays_exact(monkeypatch):
     assert stats["mtp_gate"]["mode"] == "adaptive" and stats["mtp_gate"]["cost_ratio"] == 1.8
     assert "plain steps where drafting did not pay" in str(opt.monitor.last)
     gate = opt.runtime().gate(2)  # the gate remembers between calls: 7 steps after a probe hold no probe
-    assert gate.probe_every > PROBE_EVERY and gate.describe()["tau"] < 1.1
+    assert gate.probe_every > PROBE_EVERY and gate.describe()["tau"] < 1.8  # keeps fewer tokens than a step costs
     gate.plain_run = 0
     again = opt.generate(x, max_new_tokens=8, eos_token_id=[])
     assert_same_or_near_tie(model, again, greedy_by_forward(model, x, 8))

@@ -36,6 +36,7 @@ import torch
 
 from ..errors import ConfigError, LoweringError, UnsupportedError
 from ..passes.moe_plan import without_counters
+from ..runtime.draft_tree import DraftTree
 from .onnx import _INLINE_LIMIT, OnnxCheck
 
 if TYPE_CHECKING:
@@ -388,6 +389,10 @@ class OnnxDrafter:
         self.depth = depth
         self.hidden = hidden
         self.vocab = vocab
+
+    def tree(self) -> DraftTree:
+        """``draft.onnx`` drafts the chain (draft trees stay in the PyTorch runtime)."""
+        return DraftTree.chain(self.depth)
 
     def draft(self, h: torch.Tensor, token: torch.Tensor, pick: object = None) -> tuple[torch.Tensor, torch.Tensor]:
         if pick is not None:

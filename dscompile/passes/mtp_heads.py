@@ -26,11 +26,16 @@ from torch import nn
 
 from ..errors import ConfigError, MatchError
 from ..profile import MTPConfig
+from ..runtime.draft_tree import DEFAULT_RANK_SHARES, DraftTree
 from .kv_cache import CachedProgram
 from .moe_carve import DenseRows, row_readings, unsupported_reason
 from .moe_ops import ACTIVATIONS
 
 FORMAT = "dscompile-mtp-1"
+AUTO_TREE_NODES = 7
+"""The largest tree drafted by default: with the root, 8 rows a sequence, what the thin-product kernels multiply in
+one pass over the weights. SmolLM2 at batch 1, depth 3, on a 2-core Xeon: 1.53x plain decoding with a chain, 1.59x
+with 6 nodes, 1.36x with 8 (9 rows take a second pass)."""
 
 
 class RMSNorm(nn.Module):
@@ -127,6 +132,8 @@ class MTPHeads(nn.Module):
                                    else MedusaHead(hidden) for _ in range(config.depth))
         self.register_buffer("draft_ids", torch.arange(min(config.draft_vocab, self.vocab)))
         self._project()
+        # Per depth, how often the model's token is the head's r-th choice (train_mtp measures it; trees use it).
+        self.rank_shares: list[list[float]] | None = None
 
     @property
     def depth(self) -> int:
@@ -174,6 +181,35 @@ class MTPHeads(nn.Module):
             result.append((out, logits))
         return result
 
+    def tree(self, nodes: int | None = None) -> DraftTree:
+        """The draft tree of ``nodes`` tokens (``config.draft_nodes``; when that is None, twice the depth up to
+        :data:`AUTO_TREE_NODES`; a chain at the depth or below), the most probable paths by the measured rank shares
+        (:data:`DEFAULT_RANK_SHARES` before any)."""
+        nodes = nodes if nodes is not None else self.config.draft_nodes
+        if nodes is None:
+            nodes = max(min(2 * self.depth, AUTO_TREE_NODES), self.depth)
+        if nodes <= self.depth:
+            return DraftTree.chain(nodes)
+        shares = self.rank_shares or [list(DEFAULT_RANK_SHARES)] * self.depth
+        return DraftTree.best(shares[:self.depth], nodes)
+
+    @torch.no_grad()
+    def draft_tree(self, h: torch.Tensor, token: torch.Tensor, tree: DraftTree) -> torch.Tensor:
+        """Greedy drafting of a tree after ``token`` (``h [b, hidden]``, ``token [b]``): ``[b, tree.size]`` ids,
+        node ``j``'s in column ``j - 1``. Each depth's head runs once, on all the nodes the next depth grows from."""
+        states, tokens = {0: h.float()}, {0: token}
+        drafted: dict[int, torch.Tensor] = {}
+        for k, level in enumerate(tree.levels()):
+            parents = sorted({tree.parents[j - 1] for j in level})
+            new_state, _, logits = self.step(k, torch.stack([states[p] for p in parents], 1),
+                                             torch.stack([tokens[p] for p in parents], 1))
+            top = logits.topk(1 + max(tree.ranks[j - 1] for j in level), -1).indices  # [b, parents, ranks]
+            for j in level:
+                i = parents.index(tree.parents[j - 1])
+                drafted[j] = tokens[j] = self.draft_ids[top[:, i, tree.ranks[j - 1]]]
+                states[j] = new_state[:, i] if self.config.head == "deepseek" else states[0]
+        return torch.stack([drafted[j] for j in range(1, tree.size + 1)], 1)
+
     @torch.no_grad()
     def draft(self, h: torch.Tensor, token: torch.Tensor, pick: object = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``depth`` drafted tokens after ``token`` per row (``h [b, hidden]``, ``token [b]``): ids ``[b, depth]``
@@ -199,6 +235,8 @@ class MTPHeads(nn.Module):
         tensors["draft_ids"] = self.draft_ids.contiguous()
         meta = {"format": FORMAT, "model_hash": self.model_hash, "hidden": str(self.hidden), "vocab": str(self.vocab),
                 "config": json.dumps({"depth": self.config.depth, "head": self.config.head})}
+        if self.rank_shares is not None:
+            meta["rank_shares"] = json.dumps(self.rank_shares)
         save_file(tensors, str(path), metadata=meta)
 
     def load(self, path: str | Path) -> None:
@@ -228,6 +266,8 @@ class MTPHeads(nn.Module):
         except RuntimeError as exc:
             raise ConfigError(f"{p}: the heads do not fit this model: {exc}") from exc
         self.set_draft_vocab(tensors["draft_ids"])
+        shares = meta.get("rank_shares")
+        self.rank_shares = json.loads(shares)[:self.depth] if shares else None
         self.trained = True
 
 

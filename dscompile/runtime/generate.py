@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from ..monitor import GenerationStats, Monitor, Stopwatch, peak_memory
 from ..passes.kv_cache import CachedProgram
 from . import expert_load
+from .draft_tree import DraftTree
 from .emit import is_eos, stream, stream_end
 from .expert_load import expert_counters
 from .gate import MODES, SpeculationGate
@@ -37,9 +38,10 @@ VERIFY_ROWS = 16  # the thin-product threshold (lower.thin_matmul.THIN_ROWS), ke
 
 
 def attention_bias(key_valid: torch.Tensor, query_positions: torch.Tensor, window: int | None,
-                   dtype: torch.dtype, window_positions: tuple[torch.Tensor, torch.Tensor] | None = None
-                   ) -> torch.Tensor:
-    """Additive bias ``[batch, 1, queries, capacity]``: causal, inside the window, not padding.
+                   dtype: torch.dtype, window_positions: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   step_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Additive bias ``[batch, 1, queries, capacity]``: causal, inside the window, not padding; among the queries'
+    own slots, only where ``step_mask [queries, queries]`` allows (a draft tree: each node sees its ancestors).
 
     ``query_positions`` are the queries' slots. The window is measured in slots too, unless ``window_positions``
     gives ``(query [batch, queries], key [batch, capacity])`` token positions to measure it in (speculative decoding
@@ -56,6 +58,8 @@ def attention_bias(key_valid: torch.Tensor, query_positions: torch.Tensor, windo
         query_pos, key_pos = window_positions
         allowed = allowed & (key_pos.unsqueeze(1) > query_pos.unsqueeze(-1) - window)
     allowed = (allowed & key_valid.unsqueeze(1)) | (keys == q).unsqueeze(0)
+    if step_mask is not None:
+        allowed[..., query_positions] &= step_mask
     bias = torch.zeros(allowed.shape, dtype=dtype, device=key_valid.device)
     return bias.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
@@ -102,7 +106,7 @@ class Runtime:
         self.gates: dict[int, SpeculationGate] = {}
         self.monitor = Monitor()
         self._decode: Callable[..., Any] | None = None
-        self._draft: Callable[..., Any] | None = None
+        self._draft: dict[DraftTree, Callable[..., Any]] = {}  # by the tree (a chain included) it drafts
 
     @property
     def device(self) -> torch.device:
@@ -115,13 +119,28 @@ class Runtime:
             self._decode = gm if self.lower == "eager" else _compile_decode(gm, self.device)
         return self._decode
 
-    def draft_step(self) -> Callable[..., Any]:
-        """MTP: the greedy drafting of ``depth`` tokens, compiled like the decode step (its products are thin too)."""
-        assert self.drafter is not None, "draft_step needs MTP heads"
-        if self._draft is None:
-            self._draft = self.drafter.draft if self.lower == "eager" else _compile_decode(self.drafter.draft,
-                                                                                           self.device)
-        return self._draft
+    def draft_step(self, tree: DraftTree | None = None) -> Callable[..., Any]:
+        """MTP: the greedy drafting of a chain of ``depth`` tokens (``(drafts, logits)``) or of ``tree``'s nodes
+        (``drafts``), compiled like the decode step (its products are thin too)."""
+        drafter = self.drafter
+        assert drafter is not None, "draft_step needs MTP heads"
+        tree = tree if tree is not None else DraftTree.chain(drafter.depth)
+        if tree not in self._draft:
+            fn = drafter.draft if tree.is_chain else _tree_drafting(drafter, tree)
+            self._draft[tree] = fn if self.lower == "eager" else _compile_decode(fn, self.device)
+        return self._draft[tree]
+
+    def draft_tree(self, batch: int, sampling: bool = False) -> DraftTree:
+        """What ``generate`` drafts at this batch size: the heads' tree (``mtp.draft_nodes``) where it verifies
+        greedily, with a position per token, within ``max_verify_rows``; else the chain of ``depth`` drafts."""
+        assert self.drafter is not None, "draft_tree needs MTP heads"
+        tree = self.drafter.tree()
+        chain = DraftTree.chain(self.drafter.depth)
+        if tree.is_chain or sampling or self.program.slot_is_position:
+            return chain
+        if self.max_verify_rows is not None and batch * (tree.size + 1) > self.max_verify_rows:
+            return chain
+        return tree
 
     def gate(self, batch: int) -> SpeculationGate:
         """The speculation gate of this batch size (its step costs and tau carry over between calls)."""
@@ -138,7 +157,7 @@ class Runtime:
     def reset_compiled(self) -> None:
         """Drop the compiled decode and draft steps (they are compiled again on next use)."""
         self._decode = None
-        self._draft = None
+        self._draft = {}
 
     def capacity_for(self, total: int) -> int:
         """Cache slots for ``total`` tokens: rounded up to a bucket, so similar lengths share one compiled step."""
@@ -153,29 +172,33 @@ class Runtime:
         new) ahead of generation; returns the seconds it took."""
         clock = Stopwatch(self.device)
         tokens = 1
-        if self.drafter is not None and self.speculates(batch):  # MTP: depth + 1 tokens, in a larger cache
-            tokens = self.drafter.depth + 1
-            total_tokens += speculation_slots(self.drafter, batch)
+        tree = None
+        if self.drafter is not None and self.speculates(batch):  # MTP: the root and the drafts, in a larger cache
+            tree = self.draft_tree(batch)
+            tokens = tree.size + 1
+            total_tokens += speculation_slots(tree, batch)
         capacity = self.capacity_for(total_tokens)
         caches = self.program.new_caches(batch, capacity, self.device)
         valid = torch.ones(batch, capacity, dtype=torch.bool, device=self.device)
         # Distinct tensors for every input: Dynamo guards on aliasing, and generate never passes one twice.
         token = torch.zeros(batch, tokens, dtype=torch.long, device=self.device)
         position = torch.zeros(batch, tokens, dtype=torch.long, device=self.device)
-        self.run(self.decode_step(), token, position, torch.arange(tokens, device=self.device), valid, caches)
+        self.run(self.decode_step(), token, position, torch.arange(tokens, device=self.device), valid, caches, None,
+                 None if tree is None or tree.is_chain else tree.ancestors(self.device))
         if tokens > 1 and self.speculation == "adaptive":  # the gate's plain steps: one token, a second shape
             one = torch.zeros(batch, 1, dtype=torch.long, device=self.device)  # fresh: Dynamo guards on strides
             self.run(self.decode_step(), one, one.clone(), torch.arange(1, device=self.device), valid, caches)
         if self.drafter is not None and tokens > 1:
             hidden = torch.zeros(batch, self.drafter.hidden, dtype=self.program.dtype, device=self.device)
-            self.draft_step()(hidden, torch.zeros(batch, dtype=torch.long, device=self.device))
+            self.draft_step(tree)(hidden, torch.zeros(batch, dtype=torch.long, device=self.device))
         return clock.lap()
 
     def run(self, fn: Callable[..., Any], ids: torch.Tensor, positions: torch.Tensor, cache_position: torch.Tensor,
             key_valid: torch.Tensor, caches: list[torch.Tensor],
-            window_positions: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+            window_positions: tuple[torch.Tensor, torch.Tensor] | None = None,
+            step_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """One call of a program graph: ``(logits,)``, or ``(logits, hidden)`` for a program with MTP."""
-        biases = [attention_bias(key_valid, cache_position, w, self.program.dtype, window_positions)
+        biases = [attention_bias(key_valid, cache_position, w, self.program.dtype, window_positions, step_mask)
                   for w in self.program.windows]
         out = fn(ids, positions, cache_position, *biases, *caches)
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
@@ -226,7 +249,8 @@ class Runtime:
         device = self.device
         ids, mask = ids.to(device), mask.to(device)
         drafter = self.drafter if self.speculates(batch) else None
-        capacity = self.capacity_for(total if drafter is None else total + speculation_slots(drafter, batch))
+        tree = self.draft_tree(batch, do_sample) if drafter is not None else None
+        capacity = self.capacity_for(total if tree is None else total + speculation_slots(tree, batch))
         caches = self.program.new_caches(batch, capacity, device)
         key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         key_valid[:, :prompt] = mask.bool()
@@ -254,7 +278,7 @@ class Runtime:
                 produced = self._decode_loop(out, prompt, next_token, positions[:, -1:], key_valid, caches, eos, pad,
                                              sample, streamer)
             else:
-                spec = Speculation(self, drafter, out, prompt, eos, pad, sample, streamer, self.gate(batch))
+                spec = Speculation(self, drafter, out, prompt, eos, pad, sample, streamer, self.gate(batch), tree)
                 produced = spec.run(next_token, first[1][:, -1].contiguous(), positions, key_valid, caches)
                 extra.update(spec.stats())
             decode_s = clock.lap()
@@ -296,6 +320,15 @@ class Runtime:
                               key_valid, caches)[0]
             next_token = choose_next(logits[:, -1], **sample)
         return produced
+
+
+def _tree_drafting(drafter: MTPHeads, tree: DraftTree) -> Callable[..., Any]:
+    """``drafter.draft_tree`` for one tree, as a function of the step's inputs only (what gets compiled)."""
+
+    def draft(hidden: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        return drafter.draft_tree(hidden, token, tree)
+
+    return draft
 
 
 def _compile_decode(fn: Callable[..., Any], device: torch.device) -> Callable[..., Any]:

@@ -14,6 +14,10 @@ positions *are* the slots (hand-written models: ``slot_is_position``) cannot hav
 the batch's shortest agreed prefix (still exact: a row that agreed further gets its next agreed token as its
 own).
 
+Greedy decoding may draft a tree instead of a chain (:mod:`.draft_tree`): the step feeds the root and every node,
+each node attending to its ancestors only and placed at its depth, and a row keeps the path the model agrees with;
+the other nodes' slots become holes like rejected drafts.
+
 An adaptive :class:`~.gate.SpeculationGate` may make a step plain: no drafts, one token through the same decode
 graph (a second static shape), which still returns the hidden state the next drafts start from.
 """
@@ -26,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import ConfigError
+from .draft_tree import DraftTree, accept_tree, path_tokens
 from .emit import stream, stream_stats
 from .gate import SpeculationGate
 from .sampling import choose_next, draw, probabilities
@@ -38,9 +43,10 @@ HOLE_SLOTS = 64
 """Cache slots beyond the tokens a batch generates, for rows that accepted fewer drafts than others."""
 
 
-def speculation_slots(heads: MTPHeads, batch: int) -> int:
-    """Cache slots to add to prompt + new tokens: one drafted chain beyond the end, and room for holes."""
-    return heads.depth + 1 + (HOLE_SLOTS if batch > 1 else 0)
+def speculation_slots(tree: DraftTree, batch: int) -> int:
+    """Cache slots to add to prompt + new tokens: one drafted step beyond the end, and room for holes (rows that
+    kept fewer drafts than others, or a tree's nodes off the kept path)."""
+    return tree.size + 1 + (HOLE_SLOTS if batch > 1 or not tree.is_chain else 0)
 
 
 def accept_greedy(drafts: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,8 +80,13 @@ class Speculation:
     """One ``generate`` call's speculative decoding: state, the loop, and acceptance statistics."""
 
     def __init__(self, runtime: Runtime, heads: MTPHeads, out: torch.Tensor, prompt: int, eos: set[int], pad: int,
-                 sample: dict[str, Any], streamer: Any, gate: SpeculationGate | None = None):
+                 sample: dict[str, Any], streamer: Any, gate: SpeculationGate | None = None,
+                 tree: DraftTree | None = None):
         self.runtime, self.heads, self.out, self.prompt = runtime, heads, out, prompt
+        self.tree = tree if tree is not None else DraftTree.chain(heads.depth)
+        if not self.tree.is_chain and (sample["do_sample"] or runtime.program.slot_is_position):
+            raise ConfigError("draft trees verify greedily in programs with a position per token; sampling and "
+                              "models whose positions are their cache slots draft chains")
         self.eos, self.pad, self.sample, self.streamer = eos, pad, sample, streamer
         batch = out.shape[0]
         self.count = [0] * batch  # new tokens written per row
@@ -88,19 +99,24 @@ class Speculation:
 
     def stats(self) -> dict[str, Any]:
         """``mtp_acceptance`` (by draft position) and ``mtp_tokens_per_step`` (tau) over active rows' speculative
-        steps; ``mtp_plain_steps``: steps the adaptive gate decoded without drafts."""
+        steps; ``mtp_plain_steps``: steps the adaptive gate decoded without drafts; ``mtp_draft_nodes``: tokens
+        drafted per speculative step (the depth for a chain)."""
         steps = max(self.row_steps, 1)
         tau = self.row_tokens / self.row_steps if self.row_steps else 1.0  # no speculative step: one token a step
         return {"mtp_acceptance": [round(a / steps, 4) for a in self.accepted_at],
                 "mtp_tokens_per_step": round(tau, 4), "mtp_steps": self.row_steps,
-                "mtp_plain_steps": self.plain_steps, "mtp_gate": self.gate.describe()}
+                "mtp_plain_steps": self.plain_steps, "mtp_gate": self.gate.describe(),
+                "mtp_draft_nodes": self.tree.size}
 
     def run(self, token: torch.Tensor, hidden: torch.Tensor, prompt_positions: torch.Tensor, key_valid: torch.Tensor,
             caches: list[torch.Tensor]) -> int:
         """Decode after the prefill chose ``token`` from ``hidden``; returns the new tokens of the longest row."""
         program = self.runtime.program
-        depth = self.heads.depth
-        offsets = torch.arange(depth + 1, device=token.device)
+        depth, tree = self.heads.depth, self.tree
+        offsets = torch.arange(tree.size + 1, device=token.device)
+        node_depths = torch.tensor(tree.depths, device=token.device)
+        ancestors, path_nodes = tree.ancestors(token.device), tree.path_nodes(token.device)
+        step_mask = None if tree.is_chain else ancestors  # a chain's nodes see their ancestors by causality
         capacity = key_valid.shape[1]
         last_slot = self.out.shape[1] + depth - 2  # the last draft of the step that makes the last token
         if program.slot_is_position and program.max_positions is not None and last_slot >= program.max_positions:
@@ -118,7 +134,7 @@ class Speculation:
         while not all(self.done):
             clock = time.perf_counter()
             speculate = self.gate.speculate()
-            width = depth + 1 if speculate else 1
+            width = tree.size + 1 if speculate else 1
             if speculate:
                 drafts, draft_probs = self._draft(hidden, token, sampling)
             else:
@@ -127,27 +143,33 @@ class Speculation:
                 pointer = compact(key_valid, [*caches, slot_positions])
             slots = pointer + offsets[:width]
             key_valid[:, slots] = True
-            positions = last_position[:, None] + 1 + offsets[:width]
+            positions = last_position[:, None] + 1 + node_depths[:width]
             if program.max_positions is not None:
                 positions = positions.clamp_max(program.max_positions - 1)  # drafts past the end are never kept
             slot_positions[:, slots] = positions
             logits, states = self.runtime.run(step, torch.cat([token[:, None], drafts], 1), positions, slots,
-                                              key_valid, caches, (positions, slot_positions))[:2]
-            if not speculate:
-                accepted, token = torch.zeros_like(token), choose_next(logits[:, 0], **self.sample)
-            elif sampling:
-                accepted, token = accept_sampled(drafts, draft_probs, logits, self.sample)
-            else:
-                accepted, token = accept_greedy(drafts, logits)
+                                              key_valid, caches, (positions, slot_positions),
+                                              step_mask if speculate else None)[:2]
             active = torch.tensor([not d for d in self.done], device=key_valid.device)
-            if speculate and program.slot_is_position:
-                accepted, token = _shortest(accepted, token, drafts, active)
-            key_valid[:, slots] = (offsets[None, :width] <= accepted[:, None]) & active[:, None]  # finished rows stop
-            pointer += int(accepted[active].max()) + 1  # slots the furthest active row used
+            if speculate and step_mask is not None:
+                accepted, token, last, in_path = accept_tree(tree, drafts, logits, ancestors)
+                kept = path_tokens(drafts, token, last, accepted, path_nodes)
+            else:
+                if not speculate:
+                    accepted, token = torch.zeros_like(token), choose_next(logits[:, 0], **self.sample)
+                elif sampling:
+                    accepted, token = accept_sampled(drafts, draft_probs, logits, self.sample)
+                else:
+                    accepted, token = accept_greedy(drafts, logits)
+                if speculate and program.slot_is_position:
+                    accepted, token = _shortest(accepted, token, drafts, active)
+                last, in_path = accepted, offsets[None, :width] <= accepted[:, None]
+                kept = torch.cat([drafts, token[:, None]], 1)
+                kept[rows, accepted] = token
+            key_valid[:, slots] = in_path & active[:, None]  # finished rows stop
+            pointer += int(last[active].max()) + 1  # slots the furthest active row used
             last_position = last_position + accepted + 1
-            hidden = states[rows, accepted]
-            kept = torch.cat([drafts, token[:, None]], 1)
-            kept[rows, accepted] = token
+            hidden = states[rows, last]
             tau = float((accepted[active] + 1).float().mean()) if speculate else None  # only drafts keep tokens
             if speculate:
                 self._record(accepted)
@@ -160,7 +182,8 @@ class Speculation:
 
     def _draft(self, hidden: torch.Tensor, token: torch.Tensor, sampling: bool) -> tuple[torch.Tensor, Any]:
         if not sampling:  # inputs with standard strides: Dynamo guards on strides, even of size-1 dimensions
-            return self.runtime.draft_step()(_dense(hidden), _dense(token))[0], None
+            out = self.runtime.draft_step(self.tree)(_dense(hidden), _dense(token))
+            return (out if not self.tree.is_chain else out[0]), None
         s = self.sample
         chosen: list[torch.Tensor] = []
 
