@@ -25,6 +25,7 @@ from .errors import ConfigError
 from .passes.kv_cache import build_cached_program
 from .passes.mtp_heads import MTPHeads
 from .passes.mtp_program import expose_hidden
+from .runtime.draft_tree import tree_tokens_per_step
 from .runtime.generate import prefill_outputs
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ class MTPTrainReport:
     draft_coverage: float  # share of the model's choices inside the draft vocabulary
     acceptance: list[float] = field(default_factory=list)  # chain agreement by depth, held-out (teacher-forced)
     rank_shares: list[list[float]] = field(default_factory=list)  # by depth: how often the model's token is rank r
+    tree_tokens_per_step: float = 1.0  # what the heads' draft tree keeps a step on the same held-out sequences
     losses: list[float] = field(default_factory=list)
 
     @property
@@ -65,6 +67,7 @@ class MTPTrainReport:
                 "draft_coverage": round(self.draft_coverage, 4), "acceptance": [round(a, 4) for a in self.acceptance],
                 "tokens_per_step": round(self.tokens_per_step, 4),
                 "rank_shares": [[round(x, 4) for x in d] for d in self.rank_shares],
+                "tree_tokens_per_step": round(self.tree_tokens_per_step, 4),
                 "final_loss": round(self.losses[-1], 4) if self.losses else None}
 
 
@@ -107,8 +110,9 @@ def train_mtp(optimized: OptimizedModel, data: Any, tokenizer: Any = None, *, ma
     _fit(heads, sequences[held:], hidden[held:], choices[held:], weights, feature_weight, lr, budget, steps, report,
          progress)
     report.acceptance = chain_acceptance(heads, sequences[:held], hidden[:held], choices[:held], prompt_tokens - 1)
-    report.rank_shares = heads.rank_shares = rank_shares(heads, sequences[:held], hidden[:held], choices[:held],
-                                                         prompt_tokens - 1)
+    ranks = draft_ranks(heads, sequences[:held], hidden[:held], choices[:held], prompt_tokens - 1)
+    report.rank_shares = heads.rank_shares = rank_shares(ranks)
+    report.tree_tokens_per_step = tree_tokens_per_step(heads.tree(), ranks)
     heads.trained = True
     optimized.runtime().reset_compiled()  # the compiled draft step read the old draft vocabulary
     report.seconds = time.perf_counter() - start
@@ -124,7 +128,8 @@ def measure_mtp(optimized: OptimizedModel, data: Any, tokenizer: Any = None, *, 
                 ) -> dict[str, Any]:
     """Measure ``optimized``'s MTP heads on the model's own continuations of prompts cut from ``data`` (as
     :func:`train_mtp` does on its held-out part): the chained acceptance by depth, the expected tokens per step, and
-    the rank shares that shape the draft tree, which the heads then keep (saved by ``save_mtp``). For heads trained
+    the rank shares that shape the draft tree, which the heads then keep (saved by ``save_mtp``), that tree and the
+    tokens per step it keeps there, and ``ranks`` (:func:`draft_ranks`) to judge other trees by. For heads trained
     on other text than the prompts you serve, or saved before rank shares were measured."""
     heads = optimized.mtp_heads()
     if prompts < 2 or prompt_tokens < 1 or new_tokens < heads.depth + 1:
@@ -134,10 +139,12 @@ def measure_mtp(optimized: OptimizedModel, data: Any, tokenizer: Any = None, *, 
                           progress)
     hidden, choices = _teacher(optimized, sequences)
     acceptance = chain_acceptance(heads, sequences, hidden, choices, prompt_tokens - 1)
-    heads.rank_shares = rank_shares(heads, sequences, hidden, choices, prompt_tokens - 1)
+    ranks = draft_ranks(heads, sequences, hidden, choices, prompt_tokens - 1)
+    heads.rank_shares = rank_shares(ranks)
     optimized.runtime().reset_compiled()  # the tree may have changed
+    tree = heads.tree()
     return {"acceptance": acceptance, "tokens_per_step": 1.0 + sum(acceptance), "rank_shares": heads.rank_shares,
-            "tree": heads.tree()}
+            "tree": tree, "tree_tokens_per_step": tree_tokens_per_step(tree, ranks), "ranks": ranks}
 
 
 def _prompts(batches: list[torch.Tensor], count: int, length: int) -> torch.Tensor:
@@ -146,8 +153,10 @@ def _prompts(batches: list[torch.Tensor], count: int, length: int) -> torch.Tens
     if len(cuts) < 2:
         raise ConfigError(f"train_mtp needs data for at least 2 prompts of {length} tokens; got "
                           f"{sum(b.numel() for b in batches)} tokens")
-    stride = max(1, len(cuts) // count)
-    return torch.stack(cuts[::stride][:count])
+    if len(cuts) <= count:
+        return torch.stack(cuts)
+    picks = torch.linspace(0, len(cuts) - 1, count).round().long().tolist()  # even over all the data, not its start
+    return torch.stack([cuts[i] for i in picks])
 
 
 def _continue(optimized: OptimizedModel, prompts: torch.Tensor, new_tokens: int, progress: bool) -> torch.Tensor:
@@ -253,19 +262,26 @@ def chain_acceptance(heads: MTPHeads, tokens: torch.Tensor, hidden: torch.Tensor
 
 
 @torch.no_grad()
-def rank_shares(heads: MTPHeads, tokens: torch.Tensor, hidden: torch.Tensor, choices: torch.Tensor, start: int = 0,
-                ranks: int = RANKS) -> list[list[float]]:
-    """Per depth, the share of positions (from ``start``) where the model's token is the head's ``r``-th choice,
-    ``r < ranks``: what a draft tree is chosen by (:meth:`MTPHeads.tree`)."""
+def draft_ranks(heads: MTPHeads, tokens: torch.Tensor, hidden: torch.Tensor, choices: torch.Tensor, start: int = 0,
+                ranks: int = RANKS) -> torch.Tensor:
+    """``[positions, depth]``: at every position from ``start`` that all depths cover, the rank of the model's token
+    among each head's choices (teacher-forced, as verification sees them when the earlier drafts were right);
+    ``ranks`` where it is lower or outside the draft vocabulary."""
     out = []
     for k, (_, logits) in enumerate(heads.chain(hidden, tokens)):
         n = logits.shape[1]
         want = choices[:, k + 1:k + 1 + n, None] == heads.draft_ids  # [b, n, draft]: where the model's token is
-        inside = want.any(-1)
         target = logits.masked_fill(~want, float("-inf")).amax(-1, keepdim=True)
-        rank = (logits > target).sum(-1).masked_fill(~inside, ranks)[:, start:]
-        out.append([float((rank == r).float().mean()) for r in range(min(ranks, logits.shape[-1]))])
-    return out
+        rank = (logits > target).sum(-1).masked_fill(~want.any(-1), ranks).clamp_max(ranks)
+        out.append(rank)
+    common = out[-1].shape[1]  # the deepest head covers the fewest positions
+    return torch.stack([r[:, start:common] for r in out], -1).reshape(-1, len(out))
+
+
+def rank_shares(ranks: torch.Tensor, count: int = RANKS) -> list[list[float]]:
+    """Per depth, the share of positions where the model's token is the head's ``r``-th choice, ``r < count``: what
+    a draft tree is chosen by (:meth:`MTPHeads.tree`)."""
+    return [[float((ranks[:, k] == r).float().mean()) for r in range(count)] for k in range(ranks.shape[1])]
 
 
 def _bar(progress: bool, total: int | None, desc: str) -> Any:

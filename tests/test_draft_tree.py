@@ -12,7 +12,7 @@ from zoo import built
 import dscompile
 from dscompile import ConfigError, MTPConfig
 from dscompile.passes.mtp_heads import MTPHeads
-from dscompile.runtime.draft_tree import DEFAULT_RANK_SHARES, DraftTree, accept_tree, path_tokens
+from dscompile.runtime.draft_tree import DEFAULT_RANK_SHARES, DraftTree, accept_tree, path_tokens, tree_tokens_per_step
 from dscompile.runtime.generate import attention_bias
 from dscompile.runtime.speculative import accept_greedy
 
@@ -90,6 +90,14 @@ def test_tree_acceptance_follows_the_child_the_model_agrees_with():
                                 [True, True, False, False, False]]  # one path per row
     emitted = path_tokens(drafts, token, last, accepted, tree.path_nodes())
     assert emitted[0, :2].tolist() == [5, 9] and emitted[1].tolist() == [3, 7, 8] and emitted[2, :2].tolist() == [3, 2]
+
+
+def test_tokens_per_step_of_a_tree_from_measured_ranks():
+    ranks = torch.tensor([[0, 0, 1], [1, 0, 0], [0, 2, 0], [0, 0, 0]])  # rows: positions; columns: depths 1-3
+    assert tree_tokens_per_step(DraftTree.chain(3), ranks) == 2.5  # keeps 2, 0, 1 and 3 drafts
+    tree = DraftTree((0, 0, 0, 1), (0, 1, 2, 0))  # first choices two deep, and the second and third at depth 1
+    assert tree_tokens_per_step(tree, ranks) == 2.5  # keeps 2, 1 (the second choice), 1 and 2
+    assert tree_tokens_per_step(DraftTree.chain(1), ranks) == 1.75
 
 
 def test_attention_bias_lets_tree_nodes_see_only_their_ancestors():
@@ -191,6 +199,7 @@ def test_measured_rank_shares_are_saved_and_shape_the_tree(tmp_path):
     assert len(shares) == 2 and all(len(s) == 8 for s in shares)
     assert all(0.0 <= sum(s) <= 1.0 + 1e-6 for s in shares)
     assert report.to_dict()["rank_shares"] == [[round(v, 4) for v in s] for s in shares]
+    assert 1.0 <= report.tree_tokens_per_step <= 3.0
     heads = opt.mtp_heads()
     assert heads.rank_shares == shares and heads.tree() == DraftTree.best(shares, 4)
     path = tmp_path / "heads.safetensors"
@@ -226,6 +235,7 @@ def test_measure_mtp_shapes_the_tree_of_heads_saved_without_rank_shares():
     assert heads.rank_shares == found["rank_shares"] and len(found["rank_shares"]) == 2
     assert found["tree"] == heads.tree() == DraftTree.best(found["rank_shares"], 4)
     assert found["tokens_per_step"] == pytest.approx(1 + sum(found["acceptance"]))
+    assert 1.0 <= found["tree_tokens_per_step"] <= 1.0 + found["tree"].depth
     assert found["acceptance"][0] <= sum(found["rank_shares"][0][:1]) + 1e-6  # a chain keeps only first choices
     with pytest.raises(ConfigError, match="prompts must be at least 2"):
         dscompile.measure_mtp(opt, data, prompts=1)

@@ -186,12 +186,7 @@ class MTPHeads(nn.Module):
         :data:`AUTO_TREE_NODES`; a chain at the depth or below), the most probable paths by the measured rank shares
         (:data:`DEFAULT_RANK_SHARES` before any)."""
         nodes = nodes if nodes is not None else self.config.draft_nodes
-        if nodes is None:
-            nodes = max(min(2 * self.depth, AUTO_TREE_NODES), self.depth)
-        if nodes <= self.depth:
-            return DraftTree.chain(nodes)
-        shares = self.rank_shares or [list(DEFAULT_RANK_SHARES)] * self.depth
-        return DraftTree.best(shares[:self.depth], nodes)
+        return draft_tree(self.rank_shares or [list(DEFAULT_RANK_SHARES)] * self.depth, self.depth, nodes)
 
     @torch.no_grad()
     def draft_tree(self, h: torch.Tensor, token: torch.Tensor, tree: DraftTree) -> torch.Tensor:
@@ -269,6 +264,13 @@ class MTPHeads(nn.Module):
         shares = meta.get("rank_shares")
         self.rank_shares = json.loads(shares)[:self.depth] if shares else None
         self.trained = True
+
+
+def draft_tree(shares: list[list[float]], depth: int, nodes: int | None = None) -> DraftTree:
+    """The tree of ``nodes`` drafts at most ``depth`` deep by rank ``shares`` (None: twice the depth, up to
+    :data:`AUTO_TREE_NODES`); the chain when that is not more than the depth."""
+    nodes = nodes if nodes is not None else max(min(2 * depth, AUTO_TREE_NODES), depth)
+    return DraftTree.chain(nodes) if nodes <= depth else DraftTree.best(shares[:depth], nodes)
 
 
 def model_hash(program: CachedProgram) -> str:
