@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--depths", default="1,2,3,4")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--train-minutes", type=float, default=40.0)
-    parser.add_argument("--prompts", type=int, default=1024)
+    parser.add_argument("--prompts", type=int, default=2048)
     parser.add_argument("--heads", default="bench/results/mtp_heads.safetensors",
                         help="trained heads (trained first when missing); 'none': untrained heads, no training")
     parser.add_argument("--retrain", action="store_true")

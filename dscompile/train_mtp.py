@@ -33,6 +33,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dscompile")
 
+PROMPTS = 2048
+"""Prompts continued for training by default: 262,144 generated tokens, about 11 minutes of a 40-minute budget on 2
+CPU cores. Against 1,024 prompts (and 2,339 steps instead of 1,746), SmolLM2's heads kept 2.05 instead of 1.92
+tokens a step at depth 3 on held-out text (2.27 instead of 2.14 with the default tree): with half the text they had
+learnt it by heart (their first choice was right on 94% of their training prompts, 50% of new ones)."""
 PROMPT_TOKENS = 32
 NEW_TOKENS = 96
 GENERATE_BATCH = 16
@@ -74,7 +79,7 @@ class MTPTrainReport:
 def train_mtp(optimized: OptimizedModel, data: Any, tokenizer: Any = None, *, max_minutes: float = 40.0,
               steps: int | None = None, lr: float = 2e-3, loss_weights: Sequence[float] | None = None,
               feature_weight: float = 1.0,
-              prompts: int = 1024, prompt_tokens: int = PROMPT_TOKENS, new_tokens: int = NEW_TOKENS,
+              prompts: int = PROMPTS, prompt_tokens: int = PROMPT_TOKENS, new_tokens: int = NEW_TOKENS,
               progress: bool = True) -> MTPTrainReport:
     """Train ``optimized``'s MTP heads on the model's own continuations of prompts cut from ``data``.
 
