@@ -331,10 +331,12 @@ def test_models_without_an_lm_head_cannot_draft(monkeypatch):
 
 
 @pytest.mark.slow
-def test_smollm2_speculative_greedy_equals_plain_greedy(smollm2, monkeypatch):
+@pytest.mark.parametrize("draft_nodes", [4, None])  # the chain, and the default tree (7 nodes)
+def test_smollm2_speculative_greedy_equals_plain_greedy(smollm2, monkeypatch, draft_nodes):
     """128 new tokens at batch 1 and 8 (left-padded prompts of different lengths) on the real model. The drafts come
     from the plain runtime's own output with a third corrupted, so long chains are kept, some cut short, and rows
-    keep different lengths (holes in the cache)."""
+    keep different lengths (holes in the cache). In a tree every node drafts the true token of its depth, so
+    siblings coincide too."""
     from dscompile.runtime import speculative
 
     model, tokenizer = smollm2
@@ -343,7 +345,7 @@ def test_smollm2_speculative_greedy_equals_plain_greedy(smollm2, monkeypatch):
                "Dear hiring manager,", "for i in range(10):"]
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     plain = dscompile.optimize(model, "none", example_inputs=torch.tensor([[1, 2, 3]]), lower="eager")
-    mtp = dscompile.optimize(model, {"mtp": {"depth": 4, "speculation": "always"}},
+    mtp = dscompile.optimize(model, {"mtp": {"depth": 4, "speculation": "always", "draft_nodes": draft_nodes}},
                              example_inputs=torch.tensor([[1, 2, 3]]), lower="eager")
     mtp.runtime().max_verify_rows = None
     gen = torch.Generator().manual_seed(0)
@@ -355,9 +357,10 @@ def test_smollm2_speculative_greedy_equals_plain_greedy(smollm2, monkeypatch):
         reference = torch.cat([expected, torch.zeros(batch, 8, dtype=torch.long)], 1)
 
         def oracle(self, hidden, token, sampling, reference=reference, prompt=x.shape[1]):
+            depths = torch.tensor(self.tree.depths[1:]) - 1  # each node's true token is the one at its depth
             rows = []
             for row, count in enumerate(self.count):
-                rows.append(reference[row, prompt + count:prompt + count + self.heads.depth])
+                rows.append(reference[row, prompt + count:prompt + count + self.heads.depth][depths])
             drafts = torch.stack(rows)
             flip = torch.rand(drafts.shape, generator=gen) < 0.3
             return torch.where(flip, torch.randint(0, 49152, drafts.shape, generator=gen), drafts), None
@@ -366,3 +369,4 @@ def test_smollm2_speculative_greedy_equals_plain_greedy(smollm2, monkeypatch):
         got = mtp.generate(x, attention_mask=mask, max_new_tokens=128, eos_token_id=[])
         assert_same_or_near_tie(model, got, expected, mask)
         assert mtp.monitor.last.extra["mtp_tokens_per_step"] > 1.5
+        assert mtp.monitor.last.extra["mtp_draft_nodes"] == (draft_nodes or 7)
