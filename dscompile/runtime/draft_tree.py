@@ -94,6 +94,11 @@ class DraftTree:
             out[j] |= out[p]
         return out.to(device)
 
+    def step_mask(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """What the verification's attention bias needs beyond causality: :meth:`ancestors` for a tree, None for a
+        chain (whose nodes see their ancestors by causality)."""
+        return None if self.is_chain else self.ancestors(device)
+
     def path_nodes(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """``[size + 1, depth + 1]``: node ``j``'s ancestor at every depth (``j`` itself below its own depth)."""
         anc = self.ancestors()
@@ -111,15 +116,10 @@ def accept_tree(tree: DraftTree, drafts: torch.Tensor, logits: torch.Tensor,
     """Greedy acceptance of ``drafts [b, size]`` against the model's ``logits [b, size + 1, vocab]`` (the root
     first): per row the number of drafts kept, the model's own next token, the last kept node, and which of the
     step's ``size + 1`` slots hold the kept path. A node is kept when its parent is and its token is the model's
-    argmax after its parent; siblings carry distinct tokens, so the kept nodes form one path."""
+    argmax after its parent; the path kept is the deepest kept node's (the first of them, should drafted siblings
+    coincide)."""
     target = logits.argmax(-1)
-    kept = torch.zeros(drafts.shape[0], tree.size + 1, dtype=torch.bool, device=drafts.device)
-    kept[:, 0] = True
-    parents = torch.tensor(tree.parents, device=drafts.device)
-    for level in tree.levels():
-        j = torch.tensor(level, device=drafts.device)
-        p = parents[j - 1]
-        kept[:, j] = kept[:, p] & (drafts[:, j - 1] == target[:, p])
+    kept = _kept(tree, drafts == target[:, list(tree.parents)])
     depths = torch.tensor(tree.depths, device=drafts.device)
     last = (kept * (depths + 1)).argmax(1)  # the deepest kept node
     accepted = depths[last]
@@ -141,9 +141,14 @@ def tree_tokens_per_step(tree: DraftTree, ranks: torch.Tensor) -> float:
     """The tokens a step of greedy verification keeps with ``tree``, averaged over positions whose draft ranks
     ``[positions, depth]`` were measured (teacher-forced: a node's rank is the one its head gives the model's token
     after the model's own earlier tokens, which is what the head sees whenever its ancestors are kept)."""
-    kept = torch.zeros(ranks.shape[0], tree.size + 1, dtype=torch.bool, device=ranks.device)
-    kept[:, 0] = True
-    for j, (parent, rank) in enumerate(zip(tree.parents, tree.ranks), start=1):
-        kept[:, j] = kept[:, parent] & (ranks[:, tree.depths[j] - 1] == rank)
     depths = torch.tensor(tree.depths, device=ranks.device)
+    kept = _kept(tree, ranks[:, depths[1:] - 1] == torch.tensor(tree.ranks, device=ranks.device))
     return 1.0 + float((kept * depths).amax(1).float().mean())
+
+
+def _kept(tree: DraftTree, agrees: torch.Tensor) -> torch.Tensor:
+    """``[b, size + 1]``: the nodes kept, the root always, node ``j`` when its parent is and ``agrees[:, j - 1]``."""
+    kept = torch.ones(agrees.shape[0], tree.size + 1, dtype=torch.bool, device=agrees.device)
+    for j, parent in enumerate(tree.parents, start=1):
+        kept[:, j] = kept[:, parent] & agrees[:, j - 1]
+    return kept

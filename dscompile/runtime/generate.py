@@ -184,7 +184,7 @@ class Runtime:
         token = torch.zeros(batch, tokens, dtype=torch.long, device=self.device)
         position = torch.zeros(batch, tokens, dtype=torch.long, device=self.device)
         self.run(self.decode_step(), token, position, torch.arange(tokens, device=self.device), valid, caches, None,
-                 None if tree is None or tree.is_chain else tree.ancestors(self.device))
+                 None if tree is None else tree.step_mask(self.device))
         if tokens > 1 and self.speculation == "adaptive":  # the gate's plain steps: one token, a second shape
             one = torch.zeros(batch, 1, dtype=torch.long, device=self.device)  # fresh: Dynamo guards on strides
             self.run(self.decode_step(), one, one.clone(), torch.arange(1, device=self.device), valid, caches)

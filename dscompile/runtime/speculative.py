@@ -116,7 +116,7 @@ class Speculation:
         offsets = torch.arange(tree.size + 1, device=token.device)
         node_depths = torch.tensor(tree.depths, device=token.device)
         ancestors, path_nodes = tree.ancestors(token.device), tree.path_nodes(token.device)
-        step_mask = None if tree.is_chain else ancestors  # a chain's nodes see their ancestors by causality
+        step_mask = tree.step_mask(token.device)
         capacity = key_valid.shape[1]
         last_slot = self.out.shape[1] + depth - 2  # the last draft of the step that makes the last token
         if program.slot_is_position and program.max_positions is not None and last_slot >= program.max_positions:
