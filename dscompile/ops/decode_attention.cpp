@@ -21,7 +21,7 @@
 namespace {
 
 constexpr float MASKED = -1e30f;  // an additive mask at or below this excludes the slot (the runtime uses finfo.min)
-constexpr long SLICE = 512;       // cache slots per task at most
+constexpr long SLICE = 128;       // cache slots per task at least, when a cache is split over threads
 
 // exp(x) for a vector (Cephes' single-precision polynomial, within 2 ulp); -inf gives 0.
 inline vec vexp(vec x) {
@@ -63,6 +63,27 @@ inline float exp_sum(float* s, long n, float best) {
   return sum;
 }
 
+#if defined(__AVX512F__)
+// The lane sums of eight vectors at once, each summed in lane_sum's order (so a slot scores the same whether it is
+// scored in a group or alone): half the shuffles of eight lane_sums.
+inline void lane_sums8(const vec* a, float* out) {
+  vec h[4], s[2];
+  for (int p = 0; p < 4; p++)  // a[i] + a[i + 8] of two vectors, side by side
+    h[p] = __builtin_shufflevector(a[2 * p], a[2 * p + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a[2 * p], a[2 * p + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                                   31);
+  for (int p = 0; p < 2; p++)  // then h[i] + h[i + 4], four vectors side by side
+    s[p] = __builtin_shufflevector(h[2 * p], h[2 * p + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(h[2 * p], h[2 * p + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  // then (s0 + s2) and (s1 + s3) of all eight, then their sum
+  const vec t = __builtin_shufflevector(s[0], s[1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+                __builtin_shufflevector(s[0], s[1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  const vec r = __builtin_shufflevector(t, t, 0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14) +
+                __builtin_shufflevector(t, t, 1, 3, 5, 7, 9, 11, 13, 15, 1, 3, 5, 7, 9, 11, 13, 15);
+  for (int j = 0; j < 8; j++) out[j] = r[j];
+}
+#endif
+
 constexpr int SLOTS = 8;  // cache slots scored at once: independent accumulators hide the FMA latency
 
 // scores[j] = q . k[j] for SLOTS consecutive slots (key rows ks floats apart), d floats each.
@@ -73,12 +94,15 @@ inline void dots(const float* q, const float* k, long ks, long d, float* scores)
     const vec qv = load(q + i);
     for (int j = 0; j < SLOTS; j++) acc[j] += qv * load(k + j * ks + i);
   }
-  for (int j = 0; j < SLOTS; j++) {
-    float sum = lane_sum(acc[j]);
-    for (long t = i; t < d; t++) sum += q[t] * k[j * ks + t];
-    scores[j] = sum;
-  }
+#if defined(__AVX512F__)
+  lane_sums8(acc, scores);
+#else
+  for (int j = 0; j < SLOTS; j++) scores[j] = lane_sum(acc[j]);
+#endif
+  for (int j = 0; j < SLOTS; j++)
+    for (long t = i; t < d; t++) scores[j] += q[t] * k[j * ks + t];
 }
+
 
 inline float dot(const float* a, const float* b, long n) {
   vec acc = {};
@@ -89,28 +113,78 @@ inline float dot(const float* a, const float* b, long n) {
   return s;
 }
 
-// out[0:d] += sum over slots s of p[s] * v[s] (value rows vs floats apart), four vectors of d at a time in registers.
-inline void weighted_sum(const float* p, long slots, const float* v, long vs, long d, float* out) {
+// out[r][0:d] += sum over slots s of p[r][s] * v[s] for the RB rows r of a block (their probabilities lds floats
+// apart, their outputs d apart): each value row is loaded once for the whole block, and each row accumulates in slot
+// order whatever the block, so a query's output does not depend on how many queries the step has.
+template <int RB>
+inline void weighted_sums(const float* p, long lds, long slots, const float* v, long vs, long d, float* out) {
   long i = 0;
   for (; i + 4 * VW <= d; i += 4 * VW) {
-    vec acc[4] = {load(out + i), load(out + i + VW), load(out + i + 2 * VW), load(out + i + 3 * VW)};
+    vec acc[RB][4];
+    for (int r = 0; r < RB; r++)
+      for (int j = 0; j < 4; j++) acc[r][j] = load(out + r * d + i + j * VW);
     for (long s = 0; s < slots; s++) {
-      if (p[s] == 0.f) continue;
+      bool any = false;
+      for (int r = 0; r < RB; r++) any |= p[r * lds + s] != 0.f;
+      if (!any) continue;  // masked for every row: the unfilled end of a static cache, other rows' drafts
       const float* row = v + s * vs + i;
-      for (int j = 0; j < 4; j++) acc[j] += p[s] * load(row + j * VW);
+      const vec x[4] = {load(row), load(row + VW), load(row + 2 * VW), load(row + 3 * VW)};
+      for (int r = 0; r < RB; r++)
+        for (int j = 0; j < 4; j++) acc[r][j] += p[r * lds + s] * x[j];
     }
-    for (int j = 0; j < 4; j++) store(out + i + j * VW, acc[j]);
+    for (int r = 0; r < RB; r++)
+      for (int j = 0; j < 4; j++) store(out + r * d + i + j * VW, acc[r][j]);
   }
-  for (; i + VW <= d; i += VW) {
-    vec acc = load(out + i);
-    for (long s = 0; s < slots; s++) acc += p[s] * load(v + s * vs + i);
-    store(out + i, acc);
+  for (int r = 0; r < RB; r++) {
+    const float* pr = p + r * lds;
+    float* o = out + r * d;
+    long j = i;
+    for (; j + VW <= d; j += VW) {
+      vec acc = load(o + j);
+      for (long s = 0; s < slots; s++) acc += pr[s] * load(v + s * vs + j);
+      store(o + j, acc);
+    }
+    for (; j < d; j++) {
+      float acc = o[j];
+      for (long s = 0; s < slots; s++) acc += pr[s] * v[s * vs + j];
+      o[j] = acc;
+    }
   }
-  for (; i < d; i++) {
-    float acc = out[i];
-    for (long s = 0; s < slots; s++) acc += p[s] * v[s * vs + i];
-    out[i] = acc;
+}
+
+constexpr int ROW_BLOCK = VW == 16 ? 6 : 2;  // rows per block: 4 x ROW_BLOCK accumulators and 4 value vectors
+
+// weighted_sums for all rows, ROW_BLOCK at a time.
+inline void all_weighted_sums(const float* p, long lds, long rows, long slots, const float* v, long vs, long d,
+                              float* out) {
+  long r = 0;
+  for (; r + ROW_BLOCK <= rows; r += ROW_BLOCK)
+    weighted_sums<ROW_BLOCK>(p + r * lds, lds, slots, v, vs, d, out + r * d);
+  for (; r < rows; r++) weighted_sums<1>(p + r * lds, lds, slots, v, vs, d, out + r * d);
+}
+
+// s[i] = scale * s[i] + mask[i] over n scores, or -inf where the mask excludes the slot; returns their maximum.
+inline float scale_and_mask(float* s, const float* mask, long n, float scale) {
+  const float inf = std::numeric_limits<float>::infinity();
+  vec best = vec{} - inf;
+  long i = 0;
+  for (; i + VW <= n; i += VW) {
+    vec x = scale * load(s + i);
+    if (mask) {
+      const vec m = load(mask + i);
+      x = m <= MASKED ? vec{} - inf : x + m;
+    }
+    store(s + i, x);
+    best = best > x ? best : x;
   }
+  float top = -inf;
+  for (int j = 0; j < VW; j++) top = std::max(top, best[j]);
+  for (; i < n; i++) {
+    const float add = mask ? mask[i] : 0.f;
+    s[i] = add <= MASKED ? -inf : scale * s[i] + add;
+    top = std::max(top, s[i]);
+  }
+  return top;
 }
 
 }  // namespace
@@ -165,28 +239,22 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& k_, const at
         const float* qr = qp + b * q.stride(0) + h * q.stride(1) + t * q.stride(2);
         const float* mr = mp ? mp + b * mb + h * mh + t * mt : nullptr;
         float* sr = scores.data() + r * slice;
-        float best = -std::numeric_limits<float>::infinity();
-        for (long s = s0; s < s1;) {
+        for (long s = s0; s < s1; s += SLOTS) {
           const long n = std::min<long>(SLOTS, s1 - s);
           bool any = !mr;
           for (long j = 0; j < n && !any; j++) any = mr[s + j] > MASKED;
           if (any && n == SLOTS) dots(qr, kb + s * k.stride(2), k.stride(2), D, sr + s - s0);
           else if (any)
             for (long j = 0; j < n; j++) sr[s - s0 + j] = dot(qr, kb + (s + j) * k.stride(2), D);
-          for (long j = 0; j < n; j++, s++) {
-            const float add = mr ? mr[s] : 0.f;
-            sr[s - s0] = add <= MASKED ? -std::numeric_limits<float>::infinity() : scale * sr[s - s0] + add;
-            best = std::max(best, sr[s - s0]);
-          }
         }
+        const float best = scale_and_mask(sr, mr ? mr + s0 : nullptr, s1 - s0, scale);
         float total = 0.f;
         if (best > -std::numeric_limits<float>::infinity()) total = exp_sum(sr, s1 - s0, best);
         else std::fill(sr, sr + (s1 - s0), 0.f);
         m_out[r] = best;
         l_out[r] = total;
       }
-      for (long r = 0; r < R; r++)  // the value rows stay in cache across the group's rows
-        weighted_sum(scores.data() + r * slice, s1 - s0, vb + s0 * v.stride(2), v.stride(2), Dv, a_out + r * Dv);
+      all_weighted_sums(scores.data(), slice, R, s1 - s0, vb + s0 * v.stride(2), v.stride(2), Dv, a_out);
     }
   });
 
