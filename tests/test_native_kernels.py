@@ -43,6 +43,20 @@ def test_thin_linear_equals_the_product(case):
     torch.testing.assert_close(torch.ops.dscompile.thin_linear(x, w, b), expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("case", range(0, len(_products()), 3))
+def test_thin_linear_reads_bfloat16_weights_exactly(case):
+    """A bfloat16 weight is widened as it is loaded: the product is the float32 product of the widened weight (to
+    the rounding of a different tail loop), alone or among float32 weights in one call."""
+    x, w, b = _products()[case]
+    half = w.bfloat16()
+    got = torch.ops.dscompile.thin_linear(x, half, b)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, x @ half.float().t() + (b if b is not None else 0), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got, torch.ops.dscompile.thin_linear(x, half.float(), b), rtol=1e-6, atol=1e-5)
+    mixed = torch.ops.dscompile.thin_linear_many(x, [w, half], [b, b])
+    assert torch.equal(mixed[1], got) and torch.equal(mixed[0], torch.ops.dscompile.thin_linear(x, w, b))
+
+
 def test_thin_linear_many_equals_each_product_and_keeps_biases_apart():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(8, 576, generator=g)
@@ -127,9 +141,15 @@ def test_the_narrower_vector_build_computes_the_same(tmp_path):
         for x, w, b in _products(seed=1):
             expected = x @ w.t() + (b if b is not None else 0)
             torch.testing.assert_close(torch.ops.dscompile.thin_linear(x, w, b), expected, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(torch.ops.dscompile.thin_linear(x, w.bfloat16(), b),
+                                       x @ w.bfloat16().float().t() + (b if b is not None else 0), rtol=1e-5,
+                                       atol=1e-4)
         q, k, v, mask = _attention_case(2, 8, 2, 3, 700, 64, 40)
         torch.testing.assert_close(torch.ops.dscompile.decode_attention(q, k, v, mask, 0.2),
                                    _sdpa64(q, k, v, mask, 0.2), rtol=1e-4, atol=2e-5)
+        together = torch.ops.dscompile.decode_attention(q, k, v, mask, 0.2)
+        alone = torch.ops.dscompile.decode_attention(q[:, :, :1], k, v, mask[:, :, :1], 0.2)
+        assert torch.equal(alone, together[:, :, :1])
         print("ok")
     """)
     env = {**os.environ, "DSCOMPILE_NATIVE_KERNELS": "0"}  # importing this file must not load the native build
@@ -165,3 +185,14 @@ def test_the_cache_key_follows_source_and_machine(monkeypatch):
     assert path.name == native.LIBRARY and path.exists()
     monkeypatch.setattr(native, "_cpu_flags", lambda: "flags : another machine")
     assert native.library_path() != path
+
+
+@pytest.mark.parametrize("shape", [(1, 9, 3, 8, 328, 64, 64), (2, 4, 2, 5, 700, 20, 23), (1, 4, 4, 3, 37, 64, 64)])
+def test_a_decode_attention_row_does_not_depend_on_the_other_queries(shape):
+    """Speculative decoding is lossless only if a verified row scores exactly as a plain step would: each query's
+    output must be bitwise the same alone as among the step's other queries (drafts, tree nodes)."""
+    q, k, v, mask = _attention_case(*shape)
+    together = torch.ops.dscompile.decode_attention(q, k, v, mask, 0.125)
+    for t in range(q.shape[2]):
+        alone = torch.ops.dscompile.decode_attention(q[:, :, t:t + 1], k, v, mask[:, :, t:t + 1], 0.125)
+        assert torch.equal(alone, together[:, :, t:t + 1])

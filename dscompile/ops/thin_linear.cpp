@@ -19,9 +19,10 @@ constexpr long GRAIN = 16;  // weight-row blocks per parallel task
 
 namespace {
 
-// One weight's share of a call: its rows, their stride, its bias and output.
+// One weight's share of a call: its rows (float32, or bfloat16 when w16 is set), their stride, its bias and output.
 struct Product {
   const float* w;
+  const bf16* w16;
   long N, ldw;
   const float* bias;
   float* y;
@@ -44,8 +45,10 @@ std::vector<at::Tensor> thin_linear_many(const at::Tensor& x_, at::TensorList ws
   long blocks = 0;
   for (size_t i = 0; i < ws.size(); i++) {
     const at::Tensor& w_ = ws[i];
-    TORCH_CHECK(w_.dim() == 2 && w_.size(1) == K && w_.scalar_type() == at::kFloat && w_.device().is_cpu(),
-                "thin_linear: expected float32 CPU weights [N, ", K, "], got ", w_.sizes());
+    const bool half = w_.scalar_type() == at::kBFloat16;  // weights stored in bfloat16 (drafting: half the bytes)
+    TORCH_CHECK(w_.dim() == 2 && w_.size(1) == K && (w_.scalar_type() == at::kFloat || half) && w_.device().is_cpu(),
+                "thin_linear: expected float32 or bfloat16 CPU weights [N, ", K, "], got ", w_.sizes(), " ",
+                w_.scalar_type());
     weights.push_back(w_.stride(1) == 1 ? w_ : w_.contiguous());
     const long N = weights.back().size(0);
     at::Tensor b;
@@ -55,7 +58,9 @@ std::vector<at::Tensor> thin_linear_many(const at::Tensor& x_, at::TensorList ws
     }
     biases.push_back(b);
     outputs.push_back(at::empty({M, N}, x.options()));
-    products.push_back({weights.back().data_ptr<float>(), N, weights.back().stride(0),
+    const at::Tensor& wt = weights.back();
+    products.push_back({half ? nullptr : wt.data_ptr<float>(),
+                        half ? reinterpret_cast<const bf16*>(wt.data_ptr<at::BFloat16>()) : nullptr, N, wt.stride(0),
                         b.defined() ? b.data_ptr<float>() : nullptr, outputs.back().data_ptr<float>(), blocks});
     blocks += N / ROWS;
   }
@@ -65,13 +70,16 @@ std::vector<at::Tensor> thin_linear_many(const at::Tensor& x_, at::TensorList ws
     for (long i = begin; i < end; i++) {
       while (i >= products[p].first_block + products[p].N / ROWS) p++;
       const Product& pr = products[p];
-      all_rows<ROWS>(xp, ldx, M, K, pr.w, pr.ldw, pr.y, pr.N, (i - pr.first_block) * ROWS, pr.bias,
-                     pr.w + pr.N * pr.ldw);
+      const long n = (i - pr.first_block) * ROWS;
+      if (pr.w16) all_rows<ROWS>(xp, ldx, M, K, pr.w16, pr.ldw, pr.y, pr.N, n, pr.bias, pr.w16 + pr.N * pr.ldw);
+      else all_rows<ROWS>(xp, ldx, M, K, pr.w, pr.ldw, pr.y, pr.N, n, pr.bias, pr.w + pr.N * pr.ldw);
     }
   });
   for (const Product& pr : products)  // rows left over from the blocks
-    for (long n = pr.N / ROWS * ROWS; n < pr.N; n++)
-      all_rows<1>(xp, ldx, M, K, pr.w, pr.ldw, pr.y, pr.N, n, pr.bias, pr.w + pr.N * pr.ldw);
+    for (long n = pr.N / ROWS * ROWS; n < pr.N; n++) {
+      if (pr.w16) all_rows<1>(xp, ldx, M, K, pr.w16, pr.ldw, pr.y, pr.N, n, pr.bias, pr.w16 + pr.N * pr.ldw);
+      else all_rows<1>(xp, ldx, M, K, pr.w, pr.ldw, pr.y, pr.N, n, pr.bias, pr.w + pr.N * pr.ldw);
+    }
   return outputs;
 }
 

@@ -11,7 +11,25 @@ typedef int ivec __attribute__((vector_size(VW * 4)));
 typedef float half_vec __attribute__((vector_size(32), aligned(4)));
 typedef float quarter_vec __attribute__((vector_size(16), aligned(4)));
 
+typedef unsigned short bf16_vec __attribute__((vector_size(VW * 2), aligned(2)));
+typedef unsigned int uvec __attribute__((vector_size(VW * 4)));
+typedef unsigned short bf16;  // bfloat16's bits: the high half of a float32
+
 static inline vec load(const float* p) { return *reinterpret_cast<const vec*>(p); }
+// VW bfloat16 values widened to float32 (exact: a bfloat16 is a float32 with its low 16 bits zero).
+static inline vec load(const bf16* p) {
+  const uvec bits = __builtin_convertvector(*reinterpret_cast<const bf16_vec*>(p), uvec) << 16;
+  vec out;
+  __builtin_memcpy(&out, &bits, sizeof out);
+  return out;
+}
+static inline float value(float x) { return x; }
+static inline float value(bf16 x) {
+  const unsigned int bits = static_cast<unsigned int>(x) << 16;
+  float out;
+  __builtin_memcpy(&out, &bits, sizeof out);
+  return out;
+}
 static inline void store(float* p, vec v) { *reinterpret_cast<vec*>(p) = v; }
 
 // The sum of a vector's lanes as a tree (halves added), so the sums of many vectors overlap in the pipeline.

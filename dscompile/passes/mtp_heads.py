@@ -30,6 +30,7 @@ from ..runtime.draft_tree import DEFAULT_RANK_SHARES, DraftTree
 from .kv_cache import CachedProgram
 from .moe_carve import DenseRows, row_readings, unsupported_reason
 from .moe_ops import ACTIVATIONS
+from .mtp_drafting import stored_linear
 
 FORMAT = "dscompile-mtp-1"
 AUTO_TREE_NODES = 7
@@ -166,7 +167,7 @@ class MTPHeads(nn.Module):
         head = self.heads[k]
         state = head(h.float(), self.embed(tokens))
         out = head.norm_out(state)
-        return state, out, F.linear(out, self.draft_weight, self.draft_bias)
+        return state, out, stored_linear(out, self.draft_weight, self.draft_bias)
 
     def chain(self, h: torch.Tensor, tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Training: every depth's ``(output, logits)`` at every position it covers. ``h [b, t, hidden]`` are the

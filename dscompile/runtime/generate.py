@@ -107,6 +107,7 @@ class Runtime:
         self.monitor = Monitor()
         self._decode: Callable[..., Any] | None = None
         self._draft: dict[DraftTree, Callable[..., Any]] = {}  # by the tree (a chain included) it drafts
+        self._draft_heads: MTPHeads | None = None  # what the draft steps read (see drafting_heads)
 
     @property
     def device(self) -> torch.device:
@@ -121,14 +122,25 @@ class Runtime:
 
     def draft_step(self, tree: DraftTree | None = None) -> Callable[..., Any]:
         """MTP: the greedy drafting of a chain of ``depth`` tokens (``(drafts, logits)``) or of ``tree``'s nodes
-        (``drafts``), compiled like the decode step (its products are thin too)."""
-        drafter = self.drafter
-        assert drafter is not None, "draft_step needs MTP heads"
-        tree = tree if tree is not None else DraftTree.chain(drafter.depth)
+        (``drafts``), compiled like the decode step (its products are thin too), reading :meth:`drafting_heads`."""
+        assert self.drafter is not None, "draft_step needs MTP heads"
+        tree = tree if tree is not None else DraftTree.chain(self.drafter.depth)
         if tree not in self._draft:
+            drafter = self.drafting_heads()
             fn = drafter.draft if tree.is_chain else _tree_drafting(drafter, tree)
             self._draft[tree] = fn if self.lower == "eager" else _compile_decode(fn, self.device)
         return self._draft[tree]
+
+    def drafting_heads(self) -> MTPHeads:
+        """The heads greedy drafting reads: a copy with bfloat16 weights where that is free (CPUs with the native
+        kernels; half the bytes, exact output all the same), taken when the first draft step is compiled."""
+        assert self.drafter is not None
+        if self._draft_heads is None:
+            from ..passes.mtp_drafting import can_draft_in_bfloat16, drafting_copy
+
+            use = self.lower != "eager" and can_draft_in_bfloat16(self.device)
+            self._draft_heads = drafting_copy(self.drafter) if use else self.drafter
+        return self._draft_heads
 
     def draft_tree(self, batch: int, sampling: bool = False) -> DraftTree:
         """What ``generate`` drafts at this batch size: the heads' tree (``mtp.draft_nodes``) where it verifies
@@ -158,6 +170,7 @@ class Runtime:
         """Drop the compiled decode and draft steps (they are compiled again on next use)."""
         self._decode = None
         self._draft = {}
+        self._draft_heads = None
 
     def capacity_for(self, total: int) -> int:
         """Cache slots for ``total`` tokens: rounded up to a bucket, so similar lengths share one compiled step."""
