@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .sampling import greedy
+
 DEFAULT_RANK_SHARES = (0.5, 0.1, 0.06, 0.04, 0.03, 0.02, 0.015, 0.01)
 """Rank shares assumed for heads without measured ones (heads saved before the measurement, untrained heads): close
 to what trained SmolLM2 heads measure on held-out text (0.53, 0.11, 0.06, 0.03, ... for the first head). Only their
@@ -118,7 +120,7 @@ def accept_tree(tree: DraftTree, drafts: torch.Tensor, logits: torch.Tensor,
     step's ``size + 1`` slots hold the kept path. A node is kept when its parent is and its token is the model's
     argmax after its parent; the path kept is the deepest kept node's (the first of them, should drafted siblings
     coincide)."""
-    target = logits.argmax(-1)
+    target = greedy(logits)
     kept = _kept(tree, drafts == target[:, list(tree.parents)])
     depths = torch.tensor(tree.depths, device=drafts.device)
     last = (kept * (depths + 1)).argmax(1)  # the deepest kept node

@@ -43,10 +43,15 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     return torch.multinomial(flat, num_samples=1, generator=generator).reshape(probs.shape[:-1])
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The argmax over the last dim (the first maximum, like ``argmax``, in a third of its time on a CPU)."""
+    return logits.max(dim=-1).indices
+
+
 def choose_next(logits: torch.Tensor, *, do_sample: bool = False, temperature: float = 1.0,
                 top_k: int | None = None, top_p: float | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token per row of ``logits [batch, vocab]``: argmax, or a sample from :func:`probabilities`."""
     if not do_sample:
-        return logits.max(dim=-1).indices  # the first maximum, like argmax, in a third of its time on CPU
+        return greedy(logits)
     return draw(probabilities(logits, temperature=temperature, top_k=top_k, top_p=top_p), generator)

@@ -33,7 +33,7 @@ from ..errors import ConfigError
 from .draft_tree import DraftTree, accept_tree, path_tokens
 from .emit import stream, stream_stats
 from .gate import SpeculationGate
-from .sampling import choose_next, draw, probabilities
+from .sampling import choose_next, draw, greedy, probabilities
 
 if TYPE_CHECKING:
     from ..passes.mtp_heads import MTPHeads
@@ -52,7 +52,7 @@ def speculation_slots(tree: DraftTree, batch: int) -> int:
 def accept_greedy(drafts: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Drafts ``[b, d]`` against the model's logits ``[b, d+1, vocab]``: how many each row keeps, and the model's
     own token after them."""
-    target = logits.argmax(-1)
+    target = greedy(logits)
     accepted = (drafts == target[:, :-1]).long().cumprod(1).sum(1)
     return accepted, target.gather(1, accepted[:, None]).squeeze(1)
 
