@@ -3,14 +3,16 @@ batch against the same runtime without MTP, in one run.
 
 Usage: .venv/bin/python bench/mtp.py [--depths 1,2,3,4] [--batches 1,8] [--train-minutes 40] [--prompts 512]
                                      [--heads bench/results/mtp_heads.safetensors] [--retrain] [--new 128]
-                                     [--speculation always|adaptive] [--draft-nodes 0,5,7]
+                                     [--speculation always|adaptive] [--draft-nodes chain,auto,7]
+                                     [--batch1-prompts 8]
 
 Training data: prompts cut from the first part of Python's documentation topics (pydoc_data) and from the standard
 library's ``collections``, ``json`` and ``argparse`` sources, continued by the model itself (``train_mtp`` does
 that). Heads are trained once at the largest depth: a depth-``d`` profile loads the first ``d`` of them (head ``k``
 reads only the heads before it). Evaluation prompts (128 tokens) come from text training did not see: a later part
-of the documentation and the ``inspect`` and ``typing`` sources. Each configuration generates ``--new`` greedy
-tokens after one warm-up call; its output is compared token by token with the runtime without MTP.
+of the documentation and the ``inspect`` and ``typing`` sources: at batch 1, ``--batch1-prompts`` of them one after
+another, at batch 8 one batch of 8. Each configuration generates ``--new`` greedy tokens from each after one warm-up
+call; its output is compared token by token with the runtime without MTP, measured again right before it.
 """
 
 from __future__ import annotations
@@ -46,14 +48,16 @@ def _texts(tokenizer: typing.Any) -> tuple[list[int], list[int], list[int]]:
     return docs, train_code, held_code
 
 
-def _prompts(docs: list[int], code: list[int], batch: int) -> torch.Tensor:
-    """``batch`` held-out prompts, alternating documentation and code, spread over each text."""
+def _prompts(docs: list[int], code: list[int], batch: int, sets: int = 1) -> list[torch.Tensor]:
+    """``sets`` batches of ``batch`` held-out prompts, alternating documentation and code, spread over each text
+    (a batch of 8 is 8 different prompts already; at batch 1 several sets measure more than one prompt's luck)."""
+    count = batch * sets
     rows = []
-    for i in range(batch):
+    for i in range(count):
         source = docs[70_000:] if i % 2 == 0 else code
-        start = (i // 2) * (len(source) - PROMPT) // max(1, (batch + 1) // 2)
+        start = (i // 2) * (len(source) - PROMPT) // max(1, (count + 1) // 2)
         rows.append(source[start:start + PROMPT])
-    return torch.tensor(rows)
+    return [torch.tensor(rows[j * batch:(j + 1) * batch]) for j in range(sets)]
 
 
 def train(model: torch.nn.Module, docs: list[int], code: list[int], args: argparse.Namespace) -> dict:
@@ -93,17 +97,36 @@ def measure_heldout(model: torch.nn.Module, docs: list[int], args: argparse.Name
     return row
 
 
-def speed(opt: dscompile.OptimizedModel, prompts: torch.Tensor, new: int) -> tuple[torch.Tensor, dict]:
-    opt.generate(prompts, max_new_tokens=new)  # warm-up: compiles the step
-    start = time.perf_counter()
-    out = opt.generate(prompts, max_new_tokens=new)
-    wall = time.perf_counter() - start
-    stats = opt.monitor.last
-    row = {"decode_tok_s": stats.decode_tokens_per_s, "wall_s": wall,
-           "mtp_tokens_per_step": stats.extra.get("mtp_tokens_per_step"),
-           "mtp_acceptance": stats.extra.get("mtp_acceptance"), "mtp_plain_steps": stats.extra.get("mtp_plain_steps"),
-           "mtp_steps": stats.extra.get("mtp_steps")}
-    return out, row
+def speed(opt: dscompile.OptimizedModel, prompts: list[torch.Tensor], new: int) -> tuple[list[torch.Tensor], dict]:
+    """Every prompt set's ``new`` tokens after one warm-up call: decode tokens over decode seconds of all of them,
+    and tau and acceptance over all their speculative steps."""
+    opt.generate(prompts[0], max_new_tokens=new)  # warm-up: compiles the step
+    outs, decoded, seconds, wall = [], 0, 0.0, 0.0
+    steps, tokens, plain, accepted = 0, 0.0, 0, None
+    for batch in prompts:
+        start = time.perf_counter()
+        outs.append(opt.generate(batch, max_new_tokens=new))
+        wall += time.perf_counter() - start
+        stats = opt.monitor.last
+        decoded += stats.decode_tokens_per_s * stats.decode_s
+        seconds += stats.decode_s
+        n = stats.extra.get("mtp_steps") or 0
+        steps += n
+        tokens += n * (stats.extra.get("mtp_tokens_per_step") or 0)
+        plain += stats.extra.get("mtp_plain_steps") or 0
+        if "mtp_acceptance" in stats.extra:
+            rates = torch.tensor(stats.extra["mtp_acceptance"]) * n
+            accepted = rates if accepted is None else accepted + rates
+    row = {"decode_tok_s": decoded / seconds, "wall_s": wall, "prompt_sets": len(prompts),
+           "mtp_tokens_per_step": round(tokens / steps, 4) if steps else None,
+           "mtp_acceptance": [round(float(a), 4) for a in accepted / max(steps, 1)] if accepted is not None else None,
+           "mtp_plain_steps": plain if accepted is not None else None, "mtp_steps": steps or None}
+    return outs, row
+
+
+def _baseline(model: torch.nn.Module, prompts: list[torch.Tensor], new: int) -> tuple[list[torch.Tensor], dict]:
+    torch._dynamo.reset()
+    return speed(dscompile.optimize(model, "none", example_inputs=prompts[0][:1, :16]), prompts, new)
 
 
 def main() -> None:
@@ -117,6 +140,8 @@ def main() -> None:
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--train-only", action="store_true", help="train and save the heads, measure nothing")
     parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--batch1-prompts", type=int, default=8,
+                        help="prompts measured one after another at batch 1 (one prompt's tau is mostly its luck)")
     parser.add_argument("--speculation", choices=("always", "adaptive"), default="always",
                         help="always: every step drafts (the heads' own figures); adaptive: the runtime's gate")
     parser.add_argument("--draft-nodes", default="chain,auto",
@@ -139,30 +164,30 @@ def main() -> None:
         return
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
-        prompts = _prompts(docs, held_code, batch)
-        torch._dynamo.reset()
-        base_out, base = speed(dscompile.optimize(model, "none", example_inputs=prompts[:1, :16]), prompts, args.new)
-        print(f"batch {batch} without MTP: {base['decode_tok_s']:.1f} tok/s", flush=True)
+        prompts = _prompts(docs, held_code, batch, args.batch1_prompts if batch == 1 else 1)
         configs = [(int(d), int(d) if n == "chain" else None if n == "auto" else int(n))
                    for d in args.depths.split(",") for n in args.draft_nodes.split(",")
                    if n in ("chain", "auto") or int(n) > int(d)]
         for depth, nodes in configs:
+            # The baseline again right before each configuration: this machine drifts by 5-10% within minutes.
+            base_out, base = _baseline(model, prompts, args.new)
+            print(f"batch {batch} without MTP: {base['decode_tok_s']:.1f} tok/s", flush=True)
             torch._dynamo.reset()
             opt = dscompile.optimize(model, {"mtp": {"depth": depth, "heads": None if untrained else args.heads,
                                                      "speculation": args.speculation, "draft_nodes": nodes}},
-                                     example_inputs=prompts[:1, :16])
+                                     example_inputs=prompts[0][:1, :16])
             out, row = speed(opt, prompts, args.new)
-            same = (out == base_out).all(dim=1)
+            same = torch.cat([(o == b).all(dim=1) for o, b in zip(out, base_out)])
             row.update(batch=batch, depth=depth, draft_nodes=nodes,
                        drafted=opt.runtime().draft_tree(batch).size if opt.runtime().speculates(batch) else 0,
                        speedup=row["decode_tok_s"] / base["decode_tok_s"],
-                       baseline_tok_s=base["decode_tok_s"], rows_identical=int(same.sum()),
-                       first_difference=[int((o != b).nonzero()[0]) if not s else None
-                                         for o, b, s in zip(out, base_out, same)])
+                       baseline_tok_s=base["decode_tok_s"], rows_identical=int(same.sum()), rows=len(same),
+                       first_difference=[int((o != b).nonzero()[0]) if not bool((o == b).all()) else None
+                                         for outs, bases in zip(out, base_out) for o, b in zip(outs, bases)])
             print(f"batch {batch} depth {depth} nodes {row['drafted']}: tau {row['mtp_tokens_per_step']}, acceptance "
                   f"{row['mtp_acceptance']}, plain steps {row['mtp_plain_steps']}, "
                   f"{row['decode_tok_s']:.1f} tok/s ({row['speedup']:.2f}x), "
-                  f"identical rows {row['rows_identical']}/{batch}", flush=True)
+                  f"identical rows {row['rows_identical']}/{len(same)}", flush=True)
             rows.append(row)
     result["rows"] = rows
     write_result(Path(args.out), result)
