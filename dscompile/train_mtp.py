@@ -114,8 +114,8 @@ def train_mtp(optimized: OptimizedModel, data: Any, tokenizer: Any = None, *, ma
     budget = max_minutes * 60 - (time.perf_counter() - start)
     _fit(heads, sequences[held:], hidden[held:], choices[held:], weights, feature_weight, lr, budget, steps, report,
          progress)
-    report.acceptance = chain_acceptance(heads, sequences[:held], hidden[:held], choices[:held], prompt_tokens - 1)
-    ranks = draft_ranks(heads, sequences[:held], hidden[:held], choices[:held], prompt_tokens - 1)
+    report.acceptance, ranks = held_out_drafts(heads, sequences[:held], hidden[:held], choices[:held],
+                                               prompt_tokens - 1)
     report.rank_shares = heads.rank_shares = rank_shares(ranks)
     report.tree_tokens_per_step = tree_tokens_per_step(heads.tree(), ranks)
     heads.trained = True
@@ -143,8 +143,7 @@ def measure_mtp(optimized: OptimizedModel, data: Any, tokenizer: Any = None, *, 
     sequences = _continue(optimized, _prompts(token_batches(data, tokenizer), prompts, prompt_tokens), new_tokens,
                           progress)
     hidden, choices = _teacher(optimized, sequences)
-    acceptance = chain_acceptance(heads, sequences, hidden, choices, prompt_tokens - 1)
-    ranks = draft_ranks(heads, sequences, hidden, choices, prompt_tokens - 1)
+    acceptance, ranks = held_out_drafts(heads, sequences, hidden, choices, prompt_tokens - 1)
     heads.rank_shares = rank_shares(ranks)
     optimized.runtime().reset_compiled()  # the tree may have changed
     tree = heads.tree()
@@ -252,13 +251,21 @@ def _fit(heads: MTPHeads, tokens: torch.Tensor, hidden: torch.Tensor, choices: t
 
 
 @torch.no_grad()
-def chain_acceptance(heads: MTPHeads, tokens: torch.Tensor, hidden: torch.Tensor, choices: torch.Tensor,
+def held_out_drafts(heads: MTPHeads, tokens: torch.Tensor, hidden: torch.Tensor, choices: torch.Tensor,
+                    start: int = 0) -> tuple[list[float], torch.Tensor]:
+    """:func:`chain_acceptance` and :func:`draft_ranks` of ``tokens``, from one pass of the heads over them."""
+    chain = heads.chain(hidden, tokens)
+    return chain_acceptance(heads, chain, choices, start), draft_ranks(heads, chain, choices, start)
+
+
+def chain_acceptance(heads: MTPHeads, chain: list[tuple[torch.Tensor, torch.Tensor]], choices: torch.Tensor,
                      start: int = 0) -> list[float]:
     """Per depth ``k``: the share of positions (from ``start``, where the model's own continuation begins) where
-    heads 1..k all agree with the model: what greedy verification would keep."""
+    heads 1..k all agree with the model: what greedy verification would keep. ``chain`` is ``heads.chain`` of the
+    sequences ``choices`` were made on."""
     agree = None
     out = []
-    for k, (_, logits) in enumerate(heads.chain(hidden, tokens)):
+    for k, (_, logits) in enumerate(chain):
         n = logits.shape[1]
         ok = heads.draft_ids[logits.argmax(-1)] == choices[:, k + 1:k + 1 + n]
         agree = ok if agree is None else agree[:, :n] & ok
@@ -266,14 +273,13 @@ def chain_acceptance(heads: MTPHeads, tokens: torch.Tensor, hidden: torch.Tensor
     return out
 
 
-@torch.no_grad()
-def draft_ranks(heads: MTPHeads, tokens: torch.Tensor, hidden: torch.Tensor, choices: torch.Tensor, start: int = 0,
-                ranks: int = RANKS) -> torch.Tensor:
+def draft_ranks(heads: MTPHeads, chain: list[tuple[torch.Tensor, torch.Tensor]], choices: torch.Tensor,
+                start: int = 0, ranks: int = RANKS) -> torch.Tensor:
     """``[positions, depth]``: at every position from ``start`` that all depths cover, the rank of the model's token
     among each head's choices (teacher-forced, as verification sees them when the earlier drafts were right);
-    ``ranks`` where it is lower or outside the draft vocabulary."""
+    ``ranks`` where it is lower or outside the draft vocabulary. ``chain`` as for :func:`chain_acceptance`."""
     out = []
-    for k, (_, logits) in enumerate(heads.chain(hidden, tokens)):
+    for k, (_, logits) in enumerate(chain):
         n = logits.shape[1]
         want = choices[:, k + 1:k + 1 + n, None] == heads.draft_ids  # [b, n, draft]: where the model's token is
         target = logits.masked_fill(~want, float("-inf")).amax(-1, keepdim=True)
