@@ -29,6 +29,13 @@ struct Product {
   long first_block;  // index of its first ROWS-row block among all the call's blocks
 };
 
+// Every input row against the product's weight rows n .. n + R - 1, in the weights' own dtype.
+template <int R>
+void product_rows(const Product& pr, const float* x, long ldx, long M, long K, long n) {
+  if (pr.w16) all_rows<R>(x, ldx, M, K, pr.w16, pr.ldw, pr.y, pr.N, n, pr.bias, pr.w16 + pr.N * pr.ldw);
+  else all_rows<R>(x, ldx, M, K, pr.w, pr.ldw, pr.y, pr.N, n, pr.bias, pr.w + pr.N * pr.ldw);
+}
+
 }  // namespace
 
 // y_i = x @ w_i.T (+ b_i) for every weight of one input, in one parallel pass: the products of one activation
@@ -69,17 +76,11 @@ std::vector<at::Tensor> thin_linear_many(const at::Tensor& x_, at::TensorList ws
     size_t p = 0;
     for (long i = begin; i < end; i++) {
       while (i >= products[p].first_block + products[p].N / ROWS) p++;
-      const Product& pr = products[p];
-      const long n = (i - pr.first_block) * ROWS;
-      if (pr.w16) all_rows<ROWS>(xp, ldx, M, K, pr.w16, pr.ldw, pr.y, pr.N, n, pr.bias, pr.w16 + pr.N * pr.ldw);
-      else all_rows<ROWS>(xp, ldx, M, K, pr.w, pr.ldw, pr.y, pr.N, n, pr.bias, pr.w + pr.N * pr.ldw);
+      product_rows<ROWS>(products[p], xp, ldx, M, K, (i - products[p].first_block) * ROWS);
     }
   });
   for (const Product& pr : products)  // rows left over from the blocks
-    for (long n = pr.N / ROWS * ROWS; n < pr.N; n++) {
-      if (pr.w16) all_rows<1>(xp, ldx, M, K, pr.w16, pr.ldw, pr.y, pr.N, n, pr.bias, pr.w16 + pr.N * pr.ldw);
-      else all_rows<1>(xp, ldx, M, K, pr.w, pr.ldw, pr.y, pr.N, n, pr.bias, pr.w + pr.N * pr.ldw);
-    }
+    for (long n = pr.N / ROWS * ROWS; n < pr.N; n++) product_rows<1>(pr, xp, ldx, M, K, n);
   return outputs;
 }
 
