@@ -124,11 +124,6 @@ def speed(opt: dscompile.OptimizedModel, prompts: list[torch.Tensor], new: int) 
     return outs, row
 
 
-def _baseline(model: torch.nn.Module, prompts: list[torch.Tensor], new: int) -> tuple[list[torch.Tensor], dict]:
-    torch._dynamo.reset()
-    return speed(dscompile.optimize(model, "none", example_inputs=prompts[0][:1, :16]), prompts, new)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depths", default="1,2,3,4")
@@ -168,9 +163,11 @@ def main() -> None:
         configs = [(int(d), int(d) if n == "chain" else None if n == "auto" else int(n))
                    for d in args.depths.split(",") for n in args.draft_nodes.split(",")
                    if n in ("chain", "auto") or int(n) > int(d)]
+        torch._dynamo.reset()
+        plain = dscompile.optimize(model, "none", example_inputs=prompts[0][:1, :16])  # built once, timed often
         for depth, nodes in configs:
             # The baseline again right before each configuration: this machine drifts by 5-10% within minutes.
-            base_out, base = _baseline(model, prompts, args.new)
+            base_out, base = speed(plain, prompts, args.new)
             print(f"batch {batch} without MTP: {base['decode_tok_s']:.1f} tok/s", flush=True)
             torch._dynamo.reset()
             opt = dscompile.optimize(model, {"mtp": {"depth": depth, "heads": None if untrained else args.heads,
