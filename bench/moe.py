@@ -8,7 +8,10 @@ A config is ``n_experts:n_shared:top_k``. Calibration: the first part of Python'
 (pydoc_data); evaluation on a later part of it and on Python source (``inspect`` and ``typing``), as in
 ``bench/mla.py``. MaxVio is measured on the held-out documentation. ``--speed`` runs, each in its own process so
 that peak memory is its own, the dense model and every config through ``dscompile.optimize``: decode tokens/s at
-batch 1 and 8 (prompt 128, ``--new`` new tokens) and prefill tokens/s at 2048 tokens.
+batch 1 and 8 (prompt 128, ``--new`` new tokens) and prefill tokens/s at 2048 tokens. A speed config
+``n:s:k@N`` offloads the routed experts (``OptimizedModel.offload_experts(N)``: N per FFN in memory, the rest in
+files, the dense FFN weights paged out) and adds the expert cache's hit rate and reads per token; every worker
+records its RSS before loading the model, so peak minus that is the model's own memory.
 """
 
 from __future__ import annotations
@@ -41,6 +44,14 @@ from mla import WINDOW, _windows, heal_row, perplexity, quality_row, write_resul
 def _config(text: str) -> MoEConfig:
     n, s, k = (int(v) for v in text.split(":"))
     return MoEConfig(n, s, k)
+
+
+def _speed_spec(text: str) -> tuple[MoEConfig | None, int | None]:
+    """``dense``, ``n:s:k`` or ``n:s:k@cache`` (routed experts offloaded, ``cache`` of them per FFN in memory)."""
+    if text == "dense":
+        return None, None
+    config, _, cache = text.partition("@")
+    return _config(config), int(cache) if cache else None
 
 
 def heldout_maxvio(plan: MoEPlan, inputs: dict[str, torch.Tensor]) -> float:
@@ -93,10 +104,13 @@ def _quality_row(row: dict, program: object, baseline: dict, docs: list, code: l
           f"MaxVio held-out {row['maxvio_heldout']:.3f}", flush=True)
 
 
-def speed_worker(config: MoEConfig | None, new: int) -> dict:
-    """Decode at batch 1 and 8 and prefill at 2048 tokens, for the dense model (``config`` None) or one MoE."""
+def speed_worker(config: MoEConfig | None, new: int, cache: int | None = None) -> dict:
+    """Decode at batch 1 and 8 and prefill at 2048 tokens, for the dense model (``config`` None) or one MoE (its
+    routed experts offloaded with ``cache`` of them per FFN in memory, when given)."""
     from dscompile import optimize
+    from dscompile.monitor import _proc_status_bytes
 
+    base = _proc_status_bytes("VmRSS")  # torch and the libraries, before any model: the same in every worker
     model, tokenizer = models.load("smollm2")
     docs = tokenizer(models.heldout_text())["input_ids"]
     calibration = torch.tensor([docs[:4096]])
@@ -104,16 +118,26 @@ def speed_worker(config: MoEConfig | None, new: int) -> dict:
     optimized = optimize(model, profile, calibration=calibration if config else None,
                          example_inputs=None if config else calibration[:, :128])
     runtime = optimized.runtime()
+    stores = optimized.offload_experts(cache) if cache is not None else []
+    del model, calibration
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand calibration's freed heap back, so peak memory is generation's
-    row: dict = {"config": None if config is None else [config.n_experts, config.n_shared, config.top_k]}
+    row: dict = {"config": None if config is None else [config.n_experts, config.n_shared, config.top_k],
+                 "expert_cache": cache, "rss_process_base_bytes": base,
+                 "rss_before_generate_bytes": _proc_status_bytes("VmRSS")}
     for batch in (1, 8):
         prompts = torch.tensor([docs[20_000 + i * 128:20_000 + (i + 1) * 128] for i in range(batch)])
         row[f"decode_compile_s_b{batch}"] = runtime.warm_up(batch, 128 + new)
+        misses = sum(s.misses for s in stores)
         runtime.generate(prompts, max_new_tokens=new, eos_token_id=[])
         row[f"decode_tokens_per_s_b{batch}"] = runtime.monitor.last.decode_tokens_per_s
+        row[f"peak_memory_bytes_b{batch}"] = runtime.monitor.last.peak_memory_bytes
+        if stores:  # experts read from the files per new token, over all FFNs
+            row[f"expert_reads_per_token_b{batch}"] = (sum(s.misses for s in stores) - misses) / (new * batch)
         if config is not None:  # live load on this call's tokens (held-out prompts and the model's continuations)
             row[f"maxvio_generate_b{batch}"] = max(runtime.monitor.last.extra["moe_maxvio"].values())
-    if config is not None:  # what the live expert counting costs: the same program without it, same process
+    if stores:
+        row["expert_cache_hit_rate"] = sum(s.hits for s in stores) / max(1, sum(s.hits + s.misses for s in stores))
+    if config is not None and cache is None:  # what the live expert counting costs: the same program without it
         program = runtime.program
         uncounted = Runtime(dataclasses.replace(program, gm=without_counters(program.gm),
                                                 decode_gm=without_counters(program.decode_gm)))
@@ -125,14 +149,14 @@ def speed_worker(config: MoEConfig | None, new: int) -> dict:
     prompt = torch.tensor([docs[30_000:32_048]])
     runtime.generate(prompt, max_new_tokens=1, eos_token_id=[])
     row["prefill_tokens_per_s"] = 2048 / runtime.monitor.last.time_to_first_token_s
-    row["peak_memory_bytes"] = runtime.monitor.last.peak_memory_bytes
+    row["peak_memory_bytes_prefill"] = runtime.monitor.last.peak_memory_bytes
+    row["peak_memory_bytes"] = max(v for k, v in row.items() if k.startswith("peak_memory_bytes_"))
     return row
 
 
-def speed(configs: list[MoEConfig | None], new: int) -> list[dict]:
+def speed(specs: list[str], new: int) -> list[dict]:
     rows = []
-    for config in configs:
-        spec = "dense" if config is None else f"{config.n_experts}:{config.n_shared}:{config.top_k}"
+    for spec in specs:
         done = subprocess.run([sys.executable, __file__, "--speed-worker", spec, "--new", str(new)],
                               capture_output=True, text=True)
         if done.returncode:
@@ -160,15 +184,15 @@ def main() -> None:
     parser.add_argument("--speed-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.speed_worker is not None:
-        config = None if args.speed_worker == "dense" else _config(args.speed_worker)
-        print(json.dumps(speed_worker(config, args.new)))
+        config, cache = _speed_spec(args.speed_worker)
+        print(json.dumps(speed_worker(config, args.new, cache)))
         return
-    configs = [_config(c) for c in args.configs.split(",")]
+    configs = [_config(c) for c in args.configs.split(",") if "@" not in c]
     result: dict = {"machine": platform.platform(), "processor": platform.processor() or platform.machine()}
     if not args.skip_quality:
         result["quality"] = quality(configs, args)
     if args.speed:
-        result["speed"] = speed([None, *configs], args.new)
+        result["speed"] = speed(["dense", *args.configs.split(",")], args.new)
     write_result(Path(args.out), result)
 
 

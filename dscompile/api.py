@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +26,9 @@ from .profile import Profile, resolve_profile
 from .report import Report
 from .runtime import Runtime
 from .session import CompileSession
+
+if TYPE_CHECKING:
+    from .passes.moe_offload import ExpertStore
 
 log = logging.getLogger("dscompile")
 
@@ -51,6 +55,7 @@ class OptimizedModel(torch.nn.Module):
         self._runtime: Runtime | None = None
         self._program: CachedProgram | None = None  # built early when calibration needs it, else by runtime()
         self._heads: MTPHeads | None = None
+        self._expert_folder: Any = None  # the temporary folder of offloaded experts, removed with this model
 
     def _compile(self) -> Any:
         backend = functools.partial(deepseek_opt, options=self._options)
@@ -121,6 +126,52 @@ class OptimizedModel(torch.nn.Module):
         from .saved import save_optimized
 
         save_optimized(self, path, source=source)
+
+    def offload_experts(self, cache_experts: int, folder: str | Path | None = None, *,
+                        page_out_dense: bool = True) -> list[ExpertStore]:
+        """Keep the routed MoE experts in files and only ``cache_experts`` of them per FFN in memory (the most
+        recently used), so a model bigger than memory runs: a token reads its ``top_k`` experts through the cache.
+
+        ``folder`` receives the expert files (a temporary folder, removed with this model, by default). With
+        ``page_out_dense`` the source model's dense FFN weights, which the carved programs no longer read, move to
+        a file there too and are mapped back copy-on-write: the source model keeps its values and still runs, and
+        their memory is given back. Heal and save before offloading: both refuse offloaded experts. Returns the
+        stores (``stats()``: hits, misses, bytes read).
+        """
+        from .passes.moe_offload import (
+            expert_folder,
+            offload_plan,
+            owning_parameters,
+            point_at_stores,
+            release_heap,
+        )
+        from .passes.moe_offload import page_out_dense as page_out
+        from .passes.moe_plan import ffn_key
+
+        plan = self.session.moe_plan
+        if self.profile.moe is None or plan is None or not plan.layers:
+            raise ConfigError("nothing to offload: this model has no carved FFNs (optimize it with a MoE profile "
+                              "such as 'moe' first)")
+        program = self.runtime().program  # exported before the experts leave memory
+        path, handle = expert_folder(folder)
+        if handle is not None:
+            self._expert_folder = handle
+        stores = offload_plan(plan, cache_experts, path)
+        for gm in (program.gm, program.decode_gm):
+            if gm is not None:
+                point_at_stores(gm, plan)
+        if page_out_dense:
+            carved = [f for f in program.matches.ffn if plan.carved(f) is not None]
+            before = [ffn_key(f) for f in carved]
+            moved = page_out(owning_parameters(self.original, [lin.weight.tensor for f in carved
+                                                               for lin in (f.up, f.gate, f.down) if lin is not None]),
+                             path)
+            plan.rekey(dict(zip(before, (ffn_key(f) for f in carved))))
+            log.info("moe: %.0f MiB of dense FFN weights paged out to %s", moved / 2**20, path)
+        release_heap()
+        self._runtime.reset_compiled()
+        self.refresh()
+        return stores
 
     @property
     def monitor(self) -> Monitor:

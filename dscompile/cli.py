@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     p_opt.add_argument("--save-mtp", default=None, help="MTP profiles: save the trained heads to this file")
     p_opt.add_argument("--save", default=None, metavar="DIR",
                        help="save the optimized model (profile, rewrites, trained heads) for dscompile.load_optimized")
+    p_opt.add_argument("--offload-experts", type=int, default=None, metavar="N",
+                       help="MoE profiles: keep N routed experts per FFN in memory and the rest in files")
+    p_opt.add_argument("--expert-dir", default=None, metavar="DIR",
+                       help="where --offload-experts writes the expert files (default: a temporary folder)")
     p_opt.add_argument("--report", default=None, metavar="PATH.html",
                        help="write a self-contained HTML report with plots (KV rank, expert load, MTP acceptance)")
     p_opt.add_argument("--png-dir", default=None, metavar="DIR", help="also write the report's plots as PNG files")
@@ -147,6 +151,8 @@ def _optimize(args: argparse.Namespace) -> dict[str, Any]:
     from .profile import resolve_profile
 
     profile = resolve_profile(args.profile)  # a bad profile fails before the model loads
+    if args.offload_experts is not None and profile.moe is None:
+        raise DscompileError("--offload-experts needs a profile with MoE (such as 'moe')")
     model, tokenizer = _load(args.model)
     batches = _heldout_windows(tokenizer, args.window, args.windows)
     before = _measure("original", model, batches)
@@ -174,6 +180,8 @@ def _optimize(args: argparse.Namespace) -> dict[str, Any]:
     if args.save:
         optimized.save(args.save, source=args.model)
         print(f"wrote {args.save}")
+    if args.offload_experts is not None:
+        optimized.offload_experts(args.offload_experts, args.expert_dir)
     after = _measure("optimized", optimized, batches)
     report = optimized.report().to_dict()
     print(optimized.report().diff)

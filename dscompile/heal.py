@@ -53,6 +53,8 @@ def heal(optimized: OptimizedModel, data: Any, tokenizer: Any = None, max_minute
     if not plans:
         raise ConfigError("nothing to heal: this model has no rewritten layers (optimize it with a lossy profile "
                           "such as 'mla' or 'moe' first)")
+    for carved in optimized.session.moe_plan.layers.values() if optimized.session.moe_plan is not None else ():
+        carved.in_memory("heal")
     batches = token_batches(data, tokenizer)
     if token_count(batches) < MIN_HEAL_TOKENS:
         log.warning("healing on %d tokens: with fewer than %d the factors fit this text rather than the model; "

@@ -28,6 +28,9 @@ def _plan_extra(session: CompileSession) -> dict[str, Any]:
     if plan is not None:
         out.update(moe_expert_load=plan.loads(), moe_maxvio=plan.maxvio(),
                    moe_calibration_tokens=plan.calibration_tokens, moe_skipped=dict(plan.skipped))
+        cache = plan.cache_stats()
+        if cache:
+            out.update(moe_expert_cache=cache)
     return out
 
 
@@ -55,8 +58,10 @@ class Report:
         after = _distinct_params(graphs, "after")
         first = graphs[0]
         active = active_params_per_token(first.after, first.matches_after) + (after - first.after.param_count())
-        if session.moe_plan is not None:
-            active -= session.moe_plan.inactive_params()
+        if session.moe_plan is not None:  # offloaded experts are parameters too, outside the graphs
+            offloaded = session.moe_plan.offloaded_params()
+            after += offloaded
+            active += offloaded - session.moe_plan.inactive_params()
         return cls(
             profile=profile, matches=session.matches(), diff=session.diff(),
             passes=[p for g in graphs for p in g.passes], params_before=before, params_after=after,

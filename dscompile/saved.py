@@ -102,11 +102,13 @@ def save_optimized(optimized: OptimizedModel, path: str | Path, *, source: str |
 
 
 def load_optimized(path: str | Path, model: torch.nn.Module | None = None, *, lower: str | None = None,
-                   example_inputs: Any = None) -> OptimizedModel:
+                   example_inputs: Any = None, offload_experts: int | None = None,
+                   expert_folder: str | Path | None = None) -> OptimizedModel:
     """The optimized model saved in ``path``, rebuilt on ``model`` (or on the saved ``source``) without calibrating.
 
     ``model`` must be the same model the folder was saved from (its fingerprint is checked). ``lower`` defaults
-    to the saved lowering.
+    to the saved lowering. ``offload_experts`` keeps that many routed MoE experts per FFN in memory and the rest
+    in files under ``expert_folder`` (see :meth:`OptimizedModel.offload_experts`).
     """
     from .api import OptimizedModel, compile_once
 
@@ -131,6 +133,8 @@ def load_optimized(path: str | Path, model: torch.nn.Module | None = None, *, lo
     if example_inputs is None:
         example_inputs = torch.zeros(1, 8, dtype=torch.long)
     compile_once(optimized, example_inputs)
+    if offload_experts is not None:
+        optimized.offload_experts(offload_experts, expert_folder)
     log.info("loaded %s from %s", profile.name, folder)
     return optimized
 
@@ -219,6 +223,7 @@ def _save_moe(plan: MoEPlan | None, addresses: _Addresses, tensors: dict[str, to
     layers = []
     for i, (key, carved) in enumerate(plan.layers.items()):
         prefix = f"moe.{i}"
+        carved.in_memory("save")
         # The routed down rows are a second layout of down_t (see CarvedFFN.sync_rows): saved once.
         params = {k: v for k, v in carved.params().items() if v is not None and k != "experts_down"}
         tensors.update({f"{prefix}.{k}": v for k, v in params.items()})

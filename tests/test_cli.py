@@ -78,6 +78,8 @@ def test_export_onnx_command(tiny_checkpoint, tmp_path, capsys):
 def test_errors_exit_2_with_a_message(capsys, tiny_checkpoint):
     assert cli.main(["optimize", "--model", "smollm2", "--profile", "warp"]) == 2
     assert "unknown profile 'warp'" in capsys.readouterr().err
+    assert cli.main(["optimize", "--model", "smollm2", "--offload-experts", "8"]) == 2
+    assert "--offload-experts needs a profile with MoE" in capsys.readouterr().err
     assert cli.main(["inspect", "--model", "no-such-model"]) == 2
     assert "no-such-model" in capsys.readouterr().err
     assert cli.main(["optimize", "--model", str(tiny_checkpoint), "--lower", "eager"]) == 2

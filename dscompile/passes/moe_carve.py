@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +25,9 @@ from ..patterns import FFNMatch
 from ..patterns.walk import LinearInfo
 from ..profile import MoEConfig
 from .moe_ops import ACTIVATIONS, neuron_activations, route
+
+if TYPE_CHECKING:
+    from .moe_offload import ExpertStore
 
 MAXVIO_TARGET = 0.05
 """Balance aimed for on calibration tokens; held-out text drifts, and the acceptance bound there is 0.1."""
@@ -75,7 +78,7 @@ class CarvedFFN:
 
     shared: tuple | None
     experts: tuple
-    down_t: torch.nn.Parameter
+    down_t: torch.nn.Parameter | None
     router: torch.nn.Parameter
     router_bias: torch.nn.Parameter
     down_bias: torch.Tensor | None
@@ -84,6 +87,7 @@ class CarvedFFN:
     order: torch.Tensor
     load: list[float] = field(default_factory=list)  # tokens per expert over the mean, on calibration tokens
     counts: torch.Tensor | None = None  # live: tokens that chose each expert since the runtime last reset it
+    store: ExpertStore | None = None  # where the routed experts live once offloaded (``experts`` then all None)
 
     def __post_init__(self) -> None:
         if self.counts is None:
@@ -95,15 +99,21 @@ class CarvedFFN:
 
     @property
     def n_routed(self) -> int:
-        return int(self.experts[1].shape[0])
+        return self.store.n_experts if self.store is not None else int(self.experts[1].shape[0])
 
     def params(self) -> dict[str, torch.Tensor | None]:
-        """Every tensor the carved FFN reads, by a stable name (``shared_up``, ``router`` ...)."""
+        """Every tensor the carved FFN reads from memory, by a stable name (``shared_up``, ``router`` ...)."""
         out: dict[str, torch.Tensor | None] = {f"experts_{p}": t for p, t in zip(PARTS, self.experts)}
         if self.shared is not None:
             out.update({f"shared_{p}": t for p, t in zip(PARTS, self.shared)})
         out.update(down_t=self.down_t, router=self.router, router_bias=self.router_bias, down_bias=self.down_bias)
         return out
+
+    def in_memory(self, action: str) -> None:
+        """Refuse ``action`` (healing, saving) once the routed experts live in files."""
+        if self.store is not None:
+            raise ConfigError(f"cannot {action}: the routed experts are offloaded to files "
+                              f"({self.store.path.parent}); {action} before offload_experts")
 
     @classmethod
     def from_params(cls, params: dict[str, torch.nn.Parameter], *, shared: bool, top_k: int, activation: str,
@@ -122,8 +132,17 @@ class CarvedFFN:
         """Copy ``down_t`` into the routed down rows: healing trains the masked formulation (prefill), which reads
         ``down_t``; decode gathers the rows."""
         down = self.experts[2]
+        if down is None:  # offloaded: nothing was trained
+            return
         with torch.no_grad():
             down.copy_(self.down_t.T.reshape(down.shape))
+
+    def offloaded_params(self) -> int:
+        """The routed experts' parameters in the store's file, counted as the in-memory layouts were (``down_t``
+        included), so a report reads the same before and after offloading."""
+        if self.store is None:
+            return 0
+        return self.n_routed * (self.store.params_per_expert + self.store.width * self.store.hidden)
 
     def active_params(self) -> tuple[int, int]:
         """(parameters a token reads, parameters held) in this FFN, router included. ``down_t`` is held but is a
@@ -131,9 +150,12 @@ class CarvedFFN:
         def size(t: tuple | None) -> int:
             return sum(x.numel() for x in t if x is not None) if t is not None else 0
 
-        routed = size(self.experts)
         fixed = size(self.shared) + self.router.numel() + self.router_bias.numel() + \
             (self.down_bias.numel() if self.down_bias is not None else 0)
+        if self.store is not None:  # counted as in memory: where the weights live does not change the model
+            per = self.store.params_per_expert
+            return fixed + per * self.top_k, fixed + self.offloaded_params()
+        routed = size(self.experts)
         return fixed + routed * self.top_k // self.n_routed, fixed + routed + self.down_t.numel()
 
 

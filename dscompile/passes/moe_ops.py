@@ -57,7 +57,7 @@ def neuron_activations(x: torch.Tensor, gate: torch.Tensor | None, up: torch.Ten
 
 def moe_ffn(x: torch.Tensor, shared: tuple | None, experts: tuple, down_t: torch.Tensor, router: torch.Tensor,
             router_bias: torch.Tensor, down_bias: torch.Tensor | None, top_k: int, activation: str,
-            gathered: bool | str, counts: torch.Tensor | None = None) -> torch.Tensor:
+            gathered: bool | str, counts: torch.Tensor | None = None, offload: int | None = None) -> torch.Tensor:
     """The carved FFN on ``x`` (``[..., hidden]``).
 
     ``shared`` is ``(gate, up, down, gate_bias, up_bias)`` with gate and up rows ``[S*m, hidden]``, down
@@ -66,16 +66,34 @@ def moe_ffn(x: torch.Tensor, shared: tuple | None, experts: tuple, down_t: torch
     expert's down weights are contiguous for gathering) and biases ``[R, m]``; ``down_t`` is the same down weights
     in ``nn.Linear`` layout ``[hidden, R*m]``, which the masked formulation reads (a decode step's matmul by a
     ``[R*m, hidden]`` matrix takes 4x the time of one by its transpose through Inductor on a CPU). ``counts``
-    (``[R]``, int64), when given, gains one per token for each expert it chose: the live expert load.
+    (``[R]``, int64), when given, gains one per token for each expert it chose: the live expert load. ``offload``
+    names the :class:`.moe_offload.ExpertStore` that holds the routed experts instead (``experts`` and ``down_t``
+    are then None): they are computed by ``dscompile::moe_offloaded``, for inference only.
     """
     shape = x.shape
-    rows = x.reshape(-1, shape[-1])
-    gate, up, down, gate_bias, up_bias = experts
-    n_routed, width, hidden = up.shape
+    hidden = shape[-1]
+    rows = x.reshape(-1, hidden)
     idx, weight = route(rows, router, router_bias, top_k)
     if counts is not None:
         chosen_ids = idx.reshape(-1)
         counts.index_add_(0, chosen_ids, torch.ones_like(chosen_ids))
+    if offload is not None:
+        out = torch.ops.dscompile.moe_offloaded(rows, idx, offload)
+    else:
+        out = _routed(rows, idx, weight, experts, down_t, top_k, activation, gathered)
+    if shared is not None:
+        s_gate, s_up, s_down, s_gate_bias, s_up_bias = shared
+        out = out + F.linear(neuron_activations(rows, s_gate, s_up, s_gate_bias, s_up_bias, activation), s_down)
+    if down_bias is not None:
+        out = out + down_bias
+    return out.reshape(*shape[:-1], hidden)
+
+
+def _routed(rows: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, experts: tuple, down_t: torch.Tensor,
+            top_k: int, activation: str, gathered: bool | str) -> torch.Tensor:
+    """The routed experts' part of :func:`moe_ffn`, from the experts in memory."""
+    gate, up, down, gate_bias, up_bias = experts
+    n_routed, width, _ = up.shape
     few = rows.shape[0] * top_k <= n_routed  # fewer blocks than experts: gather only those
     if (gathered == NATIVE and few and rows.dtype == torch.float32 and rows.device.type == "cpu"
             and not torch.is_grad_enabled()):
@@ -98,9 +116,4 @@ def moe_ffn(x: torch.Tensor, shared: tuple | None, experts: tuple, down_t: torch
         chosen = torch.zeros(rows.shape[0], n_routed, dtype=a.dtype, device=a.device).scatter(1, idx, weight)
         a = (a.view(-1, n_routed, width) * chosen.unsqueeze(-1)).view(-1, n_routed * width)
         out = F.linear(a, down_t)
-    if shared is not None:
-        s_gate, s_up, s_down, s_gate_bias, s_up_bias = shared
-        out = out + F.linear(neuron_activations(rows, s_gate, s_up, s_gate_bias, s_up_bias, activation), s_down)
-    if down_bias is not None:
-        out = out + down_bias
-    return out.reshape(*shape[:-1], hidden)
+    return out

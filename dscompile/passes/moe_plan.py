@@ -90,8 +90,19 @@ class MoEPlan:
             program.decode_gm = decode
         return done
 
+    def rekey(self, keys: dict[Key, Key]) -> None:
+        """Find layers under new keys (``old -> new``) after their down weights moved to other memory."""
+        for old, new in keys.items():
+            if old in self.layers and old != new:
+                self.layers[new] = self.layers.pop(old)
+                self.names[new] = self.names.pop(old)
+
     def loads(self) -> dict[str, list[float]]:
         return {self.names[k]: [round(x, 4) for x in c.load] for k, c in self.layers.items()}
+
+    def cache_stats(self) -> dict[str, dict]:
+        """Per offloaded FFN: its expert cache's capacity, hits, misses and bytes read (see ``offload_experts``)."""
+        return {self.names[k]: c.store.stats() for k, c in self.layers.items() if c.store is not None}
 
     def maxvio(self) -> dict[str, float]:
         return {self.names[k]: round(c.maxvio, 4) for k, c in self.layers.items()}
@@ -100,6 +111,10 @@ class MoEPlan:
         """After healing: the decode step's expert rows take the trained weights (see ``CarvedFFN.sync_rows``)."""
         for carved in self.layers.values():
             carved.sync_rows()
+
+    def offloaded_params(self) -> int:
+        """Parameters of the carved FFNs that live in files (see ``CarvedFFN.offloaded_params``)."""
+        return sum(c.offloaded_params() for c in self.layers.values())
 
     def inactive_params(self) -> int:
         """Parameters the carved FFNs hold that a token does not read (the unchosen experts)."""
@@ -130,7 +145,7 @@ def without_counters(gm: GraphModule) -> GraphModule:
     copy = copy_module(gm)
     for node in copy.graph.nodes:
         if node.target is moe_ffn and len(node.args) > 10:
-            node.args = (*node.args[:10], None)
+            node.args = (*node.args[:10], None, *node.args[11:])
     copy.graph.eliminate_dead_code()
     copy.recompile()
     return copy
@@ -157,9 +172,9 @@ def rewrite_ffn(gm: GraphModule, x: Node, down: Node, carved: CarvedFFN, prefix:
             counts = graph.get_attr(f"{prefix}_{COUNTS}")
             counts.meta["val"] = carved.counts
         node = graph.call_function(moe_ffn, (
-            x, group(attrs, "shared") if carved.shared is not None else None, group(attrs, "experts"), attrs["down_t"],
-            attrs["router"], attrs["router_bias"], attrs.get("down_bias"), carved.top_k, carved.activation, gathered,
-            counts))
+            x, group(attrs, "shared") if carved.shared is not None else None, group(attrs, "experts"),
+            attrs.get("down_t"), attrs["router"], attrs["router_bias"], attrs.get("down_bias"), carved.top_k,
+            carved.activation, gathered, counts, carved.store.id if carved.store is not None else None))
     node.meta["val"] = node_value(down)
     down.replace_all_uses_with(node)
 
