@@ -129,6 +129,8 @@ def test_a_saved_model_loads_with_its_experts_offloaded(tmp_path):
                                       expert_folder=tmp_path / "experts")
     assert torch.equal(loaded.generate(x, max_new_tokens=5, eos_token_id=[]), expect)
     assert len(list((tmp_path / "experts").glob("*.experts"))) == 2
+    stores = loaded.offload_experts(14, tmp_path / "experts")  # again: nothing more to move, nothing rewritten
+    assert len(stores) == 2 and torch.equal(loaded.generate(x, max_new_tokens=5, eos_token_id=[]), expect)
     stats = loaded.report().to_dict()["moe_expert_cache"]["model.layers.0.mlp"]
     assert stats["hits"] > 0 and stats["capacity"] == 14
 

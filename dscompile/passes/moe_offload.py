@@ -237,14 +237,23 @@ def point_at_stores(gm: GraphModule, plan: MoEPlan) -> int:
     return changed
 
 
+_PAGED_OUT: list[tuple[int, int]] = []
+"""Address ranges of the files :func:`page_out_dense` mapped (their tensors are not moved again)."""
+
+
 def page_out_dense(tensors: list[torch.Tensor], folder: Path) -> int:
     """Move ``tensors`` (the source model's dense FFN weights, which the carved programs no longer read) into a
     file they are mapped back from, read-only and copy-on-write: they keep their values, shapes and identities, so
     the source model still runs, but their pages leave memory until something reads them. Returns the bytes
     moved."""
-    unique = list({t.data_ptr(): t for t in tensors if t.numel()}.values())
+    unique = list({t.data_ptr(): t for t in tensors if t.numel() and not any(
+        lo <= t.data_ptr() < hi for lo, hi in _PAGED_OUT)}.values())  # not moved by an earlier call
+    if not unique:
+        return 0
     offsets, total = [], 0
     path = folder / "dense_ffn.weights"
+    if path.exists():
+        raise ConfigError(f"{path} exists: offload to a folder of its own")
     with open(path, "wb") as f:
         for t in unique:
             offsets.append(total)
@@ -252,9 +261,8 @@ def page_out_dense(tensors: list[torch.Tensor], folder: Path) -> int:
             pad = -len(data) % 64  # keeps every tensor's start aligned for any dtype
             f.write(data + b"\0" * pad)
             total += len(data) + pad
-    if not total:
-        return 0
     mapped = torch.from_file(str(path), shared=False, size=total, dtype=torch.uint8)
+    _PAGED_OUT.append((mapped.data_ptr(), mapped.data_ptr() + total))
     old = []
     for t, start in zip(unique, offsets):
         nbytes = t.numel() * t.element_size()
