@@ -139,6 +139,7 @@ class OptimizedModel(torch.nn.Module):
         stores (``stats()``: hits, misses, bytes read).
         """
         from .passes.moe_offload import (
+            drop_paged_out,
             expert_folder,
             offload_plan,
             owning_parameters,
@@ -168,9 +169,10 @@ class OptimizedModel(torch.nn.Module):
                              path)
             plan.rekey(dict(zip(before, (ffn_key(f) for f in carved))))
             log.info("moe: %.0f MiB of dense FFN weights paged out to %s", moved / 2**20, path)
-        release_heap()
         self._runtime.reset_compiled()
         self.refresh()
+        drop_paged_out()
+        release_heap()
         return stores
 
     @property
