@@ -47,6 +47,8 @@ def test_the_store_reads_experts_back_exactly_and_evicts_the_least_recently_used
                              "bytes_read": 4 * store.expert_bytes}
     with pytest.raises(ConfigError, match="1 to 6 experts"):
         ExpertStore.write(tmp_path / "f", experts, capacity=7, activation="silu")
+    with pytest.raises(ConfigError, match="a folder of its own"):  # never rewrites a store's file
+        ExpertStore.write(tmp_path / "e", experts, capacity=3, activation="silu")
     store.close()
     with pytest.raises(RuntimeError, match="closed"):
         torch.ops.dscompile.moe_offloaded(torch.zeros(1, 12), torch.zeros(1, 1, dtype=torch.long), store.id)

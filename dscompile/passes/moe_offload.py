@@ -73,7 +73,9 @@ class ExpertStore:
         ``path``, expert by expert, and open a store over it."""
         gate, up, down, gate_bias, up_bias = experts
         blocks = [t.detach() for t in (gate, up, down) if t is not None]
-        with open(path, "wb") as f:
+        if path.exists():  # it may be another model's live store: rewriting it would change that model's experts
+            raise ConfigError(f"{path} exists: offload to a folder of its own")
+        with open(path, "xb") as f:
             for e in range(up.shape[0]):
                 for block in blocks:
                     f.write(block[e].contiguous().view(torch.uint8).numpy().tobytes())
