@@ -17,7 +17,6 @@ records its RSS before loading the model, so peak minus that is the model's own 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import inspect
 import json
@@ -33,6 +32,7 @@ import torch
 from dscompile import models
 from dscompile.passes.kv_cache import build_cached_program
 from dscompile.passes.moe_carve import expert_load
+from dscompile.passes.moe_offload import release_heap
 from dscompile.passes.moe_plan import MoEPlan, make_plan, record_ffns, without_counters
 from dscompile.profile import MoEConfig, Profile
 from dscompile.runtime import Runtime
@@ -120,7 +120,7 @@ def speed_worker(config: MoEConfig | None, new: int, cache: int | None = None) -
     runtime = optimized.runtime()
     stores = optimized.offload_experts(cache) if cache is not None else []
     del model, calibration
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand calibration's freed heap back, so peak memory is generation's
+    release_heap()  # hand calibration's freed heap back, so peak memory is generation's
     row: dict = {"config": None if config is None else [config.n_experts, config.n_shared, config.top_k],
                  "expert_cache": cache, "rss_process_base_bytes": base,
                  "rss_before_generate_bytes": _proc_status_bytes("VmRSS")}

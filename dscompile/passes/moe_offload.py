@@ -15,6 +15,7 @@ memory once touched and stay until the kernel needs them, so its footprint is no
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 import itertools
 import logging
@@ -28,7 +29,7 @@ import torch
 from torch.fx import GraphModule
 
 from ..errors import ConfigError
-from .moe_ops import ACTIVATIONS, moe_ffn
+from .moe_ops import moe_ffn, neuron_activations
 
 if TYPE_CHECKING:
     from .moe_plan import MoEPlan
@@ -152,12 +153,9 @@ class ExpertStore:
         """The experts in ``slots`` on every row, each expert's output kept where ``chosen`` (``[rows, len(slots)]``)
         says the row chose it."""
         gate, up, down = self._blocks()
-        flat = lambda t: t[slots].reshape(-1, self.hidden)  # noqa: E731
-        bias = lambda b: None if b is None else b[slots].reshape(-1)  # noqa: E731
-        act = ACTIVATIONS[self.activation]
-        u = torch.nn.functional.linear(rows, flat(up), bias(self.slot_up_bias))
-        a = act(u) if gate is None else act(torch.nn.functional.linear(rows, flat(gate),
-                                                                       bias(self.slot_gate_bias))) * u
+        flat = lambda t: None if t is None else t[slots].reshape(-1, *t.shape[2:])  # noqa: E731
+        a = neuron_activations(rows, flat(gate), flat(up), flat(self.slot_gate_bias), flat(self.slot_up_bias),
+                               self.activation)
         a = (a.view(rows.shape[0], len(slots), self.width) * chosen.unsqueeze(-1)).view(rows.shape[0], -1)
         return a @ flat(down)
 
@@ -292,8 +290,6 @@ def drop_file_pages(ranges: list[tuple[int, int]]) -> int:
     page of a private file mapping brings the file's bytes back on the next read, so it is done only where memory
     equals the file (a weight changed in place stays), and never for anonymous memory, where it would zero the
     bytes. Returns the bytes dropped."""
-    import ctypes
-
     files = _file_mappings()
     page = os.sysconf("SC_PAGE_SIZE")
     libc = ctypes.CDLL(None, use_errno=True)
@@ -310,8 +306,6 @@ def drop_file_pages(ranges: list[tuple[int, int]]) -> int:
 
 
 def _same_as_file(address: int, nbytes: int, path: str, offset: int) -> bool:
-    import ctypes
-
     chunk = 1 << 24
     try:
         with open(path, "rb") as f:
@@ -356,8 +350,6 @@ def owning_parameters(model: torch.nn.Module, tensors: list[torch.Tensor | None]
 
 def release_heap() -> None:
     """Hand freed heap memory back to the system (glibc keeps large freed blocks otherwise)."""
-    import ctypes
-
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
