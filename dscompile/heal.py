@@ -9,7 +9,6 @@ autograd graph, which is fine: caches are not parameters).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,6 +21,7 @@ from .evaluate import logits_of
 from .passes.kv_cache import CachedProgram, build_cached_program
 from .passes.mla_plan import calibration_windows, fitting_window
 from .runtime.generate import prefill_logits
+from .train_loop import train_parameters
 
 if TYPE_CHECKING:
     from .api import OptimizedModel
@@ -89,40 +89,18 @@ def heal_program(program: CachedProgram, original: torch.nn.Module, batches: Seq
         raise ConfigError(f"max_minutes and lr must be positive, got {max_minutes} and {lr}")
     with torch.no_grad():
         teachers = [torch.log_softmax(logits_of(original(x)).float(), -1) for x in batches]
-    # Freeze everything else for the duration (the base weights are the user's model's own tensors).
-    was = {name: p.requires_grad for name, p in program.gm.named_parameters()}
-    for name, p in program.gm.named_parameters():
-        p.requires_grad_(name in params)
-    optimizer = torch.optim.Adam(params.values(), lr=lr)
-    report = HealReport(0, 0.0, trained_parameters=sum(p.numel() for p in params.values()))
-    start = time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=max_steps, desc="healing", unit="step")
-    try:
-        while (time.perf_counter() - start) < max_minutes * 60 and (max_steps is None or report.steps < max_steps):
-            i = report.steps % len(batches)
-            logits = prefill_logits(program, batches[i])
-            if logits.shape[1] != batches[i].shape[1]:
-                raise ConfigError("healing needs the program's logits at every position: build it with logits='all'")
-            student = torch.log_softmax(logits.float(), -1)
-            loss = (teachers[i].exp() * (teachers[i] - student)).sum(-1).mean()  # KL per token
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            report.steps += 1
-            report.losses.append(loss.item())
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(kl=f"{report.losses[-1]:.4f}")
-    finally:
-        for name, p in program.gm.named_parameters():
-            p.requires_grad_(was[name])
-        if bar is not None:
-            bar.close()
-    report.seconds = time.perf_counter() - start
+    def loss_of_step(step: int) -> torch.Tensor:
+        i = step % len(batches)
+        logits = prefill_logits(program, batches[i])
+        if logits.shape[1] != batches[i].shape[1]:
+            raise ConfigError("healing needs the program's logits at every position: build it with logits='all'")
+        student = torch.log_softmax(logits.float(), -1)
+        return (teachers[i].exp() * (teachers[i] - student)).sum(-1).mean()  # KL per token
+
+    run = train_parameters(program.gm, params, loss_of_step, max_minutes=max_minutes, max_steps=max_steps, lr=lr,
+                           progress=progress, desc="healing", metric="kl")
+    report = HealReport(run.steps, run.seconds, run.losses, sum(p.numel() for p in params.values()))
     log.info("healed %d parameters in %d steps (%.0f s): KL %.4f -> %.4f", report.trained_parameters, report.steps,
              report.seconds, report.losses[0], report.losses[-1])
     return report

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -41,3 +42,12 @@ def configure(level: str | None = None) -> logging.Logger:
         handler.setFormatter(logging.Formatter("%(asctime)s dscompile %(levelname)s %(message)s"))
         log.addHandler(handler)
     return log
+
+
+def progress_bar(progress: bool, total: int | None, desc: str) -> Any:
+    """A tqdm bar over steps for long work (healing, refinement, MTP training), or None when ``progress`` is off."""
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step")

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .data import token_batches
 from .errors import ConfigError
+from .log import progress_bar
 from .passes.kv_cache import build_cached_program
 from .passes.mtp_heads import MTPHeads
 from .passes.mtp_program import expose_hidden
@@ -169,7 +170,7 @@ def _continue(optimized: OptimizedModel, prompts: torch.Tensor, new_tokens: int,
     drafter, runtime.drafter = runtime.drafter, None
     chunks = []
     try:
-        bar = _bar(progress, math.ceil(len(prompts) / GENERATE_BATCH), "generating MTP training text")
+        bar = progress_bar(progress, math.ceil(len(prompts) / GENERATE_BATCH), "generating MTP training text")
         for i in range(0, len(prompts), GENERATE_BATCH):
             batch = prompts[i:i + GENERATE_BATCH]
             out = runtime.generate(batch, max_new_tokens=new_tokens, eos_token_id=[])
@@ -228,7 +229,7 @@ def _fit(heads: MTPHeads, tokens: torch.Tensor, hidden: torch.Tensor, choices: t
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
     start = time.perf_counter()
-    bar = _bar(progress, steps, "training MTP heads")
+    bar = progress_bar(progress, steps, "training MTP heads")
     heads.train()
     while (steps is None or report.steps < steps) and time.perf_counter() - start < budget_s:
         done = report.steps / steps if steps else (time.perf_counter() - start) / budget_s
@@ -293,11 +294,3 @@ def rank_shares(ranks: torch.Tensor, count: int = RANKS) -> list[list[float]]:
     """Per depth, the share of positions where the model's token is the head's ``r``-th choice, ``r < count``: what
     a draft tree is chosen by (:meth:`MTPHeads.tree`)."""
     return [[float((ranks[:, k] == r).float().mean()) for r in range(count)] for k in range(ranks.shape[1])]
-
-
-def _bar(progress: bool, total: int | None, desc: str) -> Any:
-    if not progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step")
