@@ -18,6 +18,7 @@ from .monitor import Monitor
 from .passes.kv_cache import CachedProgram, build_cached_program
 from .passes.manager import check_supported
 from .passes.mla_plan import plan_program
+from .passes.mla_refine import refine_plan
 from .passes.moe_plan import plan_program as plan_moe
 from .passes.mtp_heads import MTPHeads, build_heads
 from .passes.mtp_program import expose_hidden
@@ -207,6 +208,9 @@ class OptimizedModel(torch.nn.Module):
         self._program = build_cached_program(self.original)
         if self.profile.mla is not None:
             self.session.mla_plan = plan_program(self._program, self.profile.mla, batches)
+            if self.profile.mla.refine:
+                refine_plan(self.session.mla_plan, self.original, batches,
+                            max_minutes=self.profile.mla.refine_minutes)
         if self.profile.moe is not None:
             self.session.moe_plan = plan_moe(self._program, self.profile.moe, batches)
 

@@ -29,13 +29,16 @@ class MLAConfig:
 
     kv_ratio: float = 0.5
     rope_mode: str = "reconstruct"  # "reconstruct" or "absorb"
-    refine: bool = False
+    refine: bool = False  # fit each layer's factors to its attention output on the calibration text
+    refine_minutes: float = 5.0
     v_weight: float = 1.0  # weight of V's rows against K's in the joint factorization
     rope_dims: int | None = None  # absorb mode: rotary dims kept per KV head (None: see mla_rope.default_rope_dims)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.kv_ratio < 1.0:
             raise ConfigError(f"mla.kv_ratio must be in (0, 1) (fraction of KV bytes kept), got {self.kv_ratio}")
+        if not self.refine_minutes > 0:
+            raise ConfigError(f"mla.refine_minutes must be positive, got {self.refine_minutes}")
         if not self.v_weight > 0:
             raise ConfigError(f"mla.v_weight must be positive, got {self.v_weight}")
         if self.rope_mode not in ("reconstruct", "absorb"):

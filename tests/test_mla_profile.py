@@ -11,7 +11,7 @@ from tiny import compile_with_session, greedy_by_forward, ids, tiny_llama
 from zoo import ZOO, built, example_ids
 
 import dscompile
-from dscompile import ConfigError, UnsupportedError
+from dscompile import ConfigError
 from dscompile.evaluate import logits_of
 from dscompile.runtime.generate import prefill_logits
 
@@ -92,11 +92,6 @@ def test_heal_needs_a_rewritten_model_and_warns_on_little_text(caplog):
     with caplog.at_level(logging.WARNING, logger="dscompile"):
         dscompile.heal(optimized, ids(1, 64), max_steps=1, progress=False)
     assert "healing on 64 tokens" in caplog.text
-
-
-def test_refinement_not_built_yet_is_refused_before_work():
-    with pytest.raises(UnsupportedError, match="refine"):
-        dscompile.optimize(tiny_llama(), {"mla": {"refine": True}}, example_inputs=ids())
 
 
 def test_generation_matches_the_forward_on_a_zoo_model_with_sliding_windows():

@@ -32,9 +32,6 @@ def check_supported(profile: Profile) -> None:
             f"this version of dscompile does not implement yet; available rewrites: "
             f"{', '.join(REGISTRY) or 'none'} (use profile='none' to compile without rewriting)"
         )
-    if profile.mla is not None and profile.mla.refine:
-        raise UnsupportedError("mla.refine=True (per-layer refinement of the factors) is not implemented yet; "
-                               "leave it False and heal instead: dscompile.heal(optimized, data)")
 
 
 def run_passes(gm: GraphModule, ctx: PassContext) -> list[PassResult]:

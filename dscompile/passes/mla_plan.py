@@ -149,6 +149,10 @@ def unfuse_program(program: mla.CachedProgram) -> list[AttentionMatch]:
 
 def plan_graph(captured: CapturedGraph, attentions: Sequence[AttentionMatch], config: MLAConfig) -> MLAPlan:
     """Calibrate on the graph's own example inputs (what ``torch.compile`` gives a backend) and plan."""
+    if config.refine:
+        log.warning("mla.refine: refinement fits the factors on calibration text, which a bare torch.compile does "
+                    "not have; these factors are not refined (use dscompile.optimize(model, profile, "
+                    "calibration=...))")
     inputs = list(dict.fromkeys(a.k.input for a in attentions if mla.unsupported_reason(a) is None))
     if not inputs:
         return make_plan(config, attentions, None, 0)

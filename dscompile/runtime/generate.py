@@ -67,12 +67,16 @@ def attention_bias(key_valid: torch.Tensor, query_positions: torch.Tensor, windo
 def prefill_outputs(program: CachedProgram, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """One prefill of ``ids`` (no padding) through ``program`` with fresh caches sized to it: what the program
     returns, the logits first (every position for a ``logits="all"`` program), then the hidden states with MTP."""
+    return tuple(program.gm(*prefill_arguments(program, ids)))
+
+
+def prefill_arguments(program: CachedProgram, ids: torch.Tensor) -> list[torch.Tensor]:
+    """The program's arguments for one prefill of ``ids``: positions, slots, attention biases and fresh caches."""
     batch, tokens = ids.shape
     slots = torch.arange(tokens, device=ids.device)
     valid = torch.ones(batch, tokens, dtype=torch.bool, device=ids.device)
     biases = [attention_bias(valid, slots, w, program.dtype) for w in program.windows]
-    caches = program.new_caches(batch, tokens, ids.device)
-    return tuple(program.gm(ids, slots.expand(batch, -1), slots, *biases, *caches))
+    return [ids, slots.expand(batch, -1), slots, *biases, *program.new_caches(batch, tokens, ids.device)]
 
 
 def prefill_logits(program: CachedProgram, ids: torch.Tensor) -> torch.Tensor:
