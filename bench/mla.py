@@ -1,7 +1,8 @@
 """MLA on the embedded model: perplexity and KV bytes per token by kv_ratio and mode, training-free and healed.
 
 Usage: .venv/bin/python bench/mla.py [--ratios 0.75,0.5,0.25] [--mode reconstruct|absorb] [--rope-dims N]
-                                      [--v-weight 1.0] [--windows 8] [--heal-minutes 0] [--out bench/results/mla.json]
+                                      [--v-weight 1.0] [--windows 8] [--refine-minutes 0] [--heal-minutes 0]
+                                      [--heal-generated 0] [--out bench/results/mla.json]
        .venv/bin/python bench/mla.py --long 8192 --long-batch 8 [--ratios 0.5] [--mode absorb] [--skip-quality]
 
 Calibration: the first part of Python's documentation topics (pydoc_data). Evaluation on text calibration did not
@@ -34,8 +35,9 @@ from dscompile.heal import heal_program
 from dscompile.passes import mla
 from dscompile.passes.kv_cache import CachedProgram, build_cached_program
 from dscompile.passes.mla_plan import make_plan
+from dscompile.passes.mla_refine import REFINE_LR, refine_program
 from dscompile.profile import MLAConfig, Profile
-from dscompile.runtime.generate import prefill_logits
+from dscompile.runtime.generate import Runtime, prefill_logits
 
 WINDOW = 256
 
@@ -65,10 +67,35 @@ def heal_row(row: dict, program: CachedProgram, model: torch.nn.Module, calibrat
     """Heal ``program`` for ``args.heal_minutes`` on the calibration windows (two per step), recording the run in
     ``row["heal"]``; returns the steps taken."""
     batches = [torch.cat(calibration[i:i + 2]) for i in range(0, len(calibration), 2)]
+    if args.heal_generated:
+        start = time.perf_counter()
+        samples = sample_teacher_text(model, calibration, args.heal_generated, window=WINDOW)
+        row["heal_generated"] = {"tokens": samples.numel(), "seconds": time.perf_counter() - start}
+        batches = interleave(batches, list(samples.split(2)))
     report = heal_program(program, model, batches, max_minutes=args.heal_minutes, lr=args.heal_lr, progress=True)
     row["heal"] = {"minutes": args.heal_minutes, "steps": report.steps, "lr": args.heal_lr,
                    "kl_first": report.losses[0], "kl_last": report.losses[-1]}
     return report.steps
+
+
+def sample_teacher_text(model: torch.nn.Module, calibration: list[torch.Tensor], tokens: int,
+                        prompt_tokens: int = 8) -> torch.Tensor:
+    """``[rows, WINDOW]`` windows the original model writes itself (nucleus sampling, top_p 0.95), from prompts of
+    ``prompt_tokens`` taken at evenly spaced places in the calibration text: an experiment in healing on text
+    unlike the calibration (LLM-QAT's data-free distillation). It did not help (docs/BENCHMARKS.md)."""
+    starts = [row[i:i + prompt_tokens] for w in calibration for row in w for i in range(0, row.numel(), WINDOW)]
+    rows = -(-tokens // WINDOW)
+    prompts = torch.stack([starts[i] for i in torch.linspace(0, len(starts) - 1, rows).round().long().tolist()])
+    runtime = Runtime(build_cached_program(model))
+    generator = torch.Generator().manual_seed(0)
+    return torch.cat([runtime.generate(prompts[i:i + 8], max_new_tokens=WINDOW - prompt_tokens, do_sample=True,
+                                       top_p=0.95, eos_token_id=[], generator=generator)
+                      for i in range(0, rows, 8)])
+
+
+def interleave(a: list, b: list) -> list:
+    """``a`` and ``b`` alternately, the longer one's rest at the end (each pass over the data sees both texts)."""
+    return [x for pair in zip(a, b) for x in pair] + a[len(b):] + b[len(a):]
 
 
 def _print(label: str, row: dict, prefix: str = "") -> None:
@@ -87,6 +114,11 @@ def main() -> None:
     parser.add_argument("--calibration-windows", type=int, default=16)
     parser.add_argument("--heal-minutes", type=float, default=0.0, help="then heal each program this long")
     parser.add_argument("--heal-lr", type=float, default=2e-4)
+    parser.add_argument("--refine-minutes", type=float, default=0.0,
+                        help="refine each layer's factors on its attention output this long, before healing")
+    parser.add_argument("--refine-lr", type=float, default=REFINE_LR)
+    parser.add_argument("--heal-generated", type=int, default=0,
+                        help="also heal on this many tokens the original model samples itself")
     parser.add_argument("--out", default="bench/results/mla.json")
     parser.add_argument("--long", type=int, default=0, help="context of the memory/speed run (0 to skip)")
     parser.add_argument("--long-batch", type=int, default=8)
@@ -134,6 +166,14 @@ def main() -> None:
             row["rope_dims"] = sorted({len(d) for d in plan.rope_dims.values()})
         quality_row(row, program, baseline, held_docs, held_code)
         _print(f"kv_ratio {ratio}", row)
+        if args.refine_minutes:
+            pairs = [torch.cat(calibration[i:i + 2]) for i in range(0, len(calibration), 2)]
+            report = refine_program(program, base, pairs, max_minutes=args.refine_minutes, lr=args.refine_lr,
+                                    progress=True)
+            row["refine"] = {"minutes": args.refine_minutes, "steps": report.steps, "lr": args.refine_lr,
+                             "error_first": report.losses[0], "error_last": report.losses[-1]}
+            quality_row(row, program, baseline, held_docs, held_code, "refined_")
+            _print(f"kv_ratio {ratio} refined ({report.steps} steps)", row, "refined_")
         if args.heal_minutes:
             steps = heal_row(row, program, model, calibration, args)
             quality_row(row, program, baseline, held_docs, held_code, "healed_")
