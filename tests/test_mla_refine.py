@@ -62,11 +62,13 @@ def test_at_full_rank_every_forced_layer_is_already_exact(name):
     assert report.losses[0] < 1e-9  # each layer's output at the original's input: nothing to fit
 
 
-def test_optimize_refines_the_plan_that_both_paths_and_a_saved_copy_read(tmp_path):
+@pytest.mark.parametrize("mode", ["reconstruct", "absorb"])
+def test_optimize_refines_the_plan_that_both_paths_and_a_saved_copy_read(tmp_path, mode):
     model = tiny_llama()
     data = torch.randint(0, 128, (2, 2048), generator=torch.Generator().manual_seed(0))
-    plain = dscompile.optimize(model, {"mla": {"kv_ratio": 0.25}}, calibration=data, lower="eager")
-    refined = dscompile.optimize(model, {"mla": {"kv_ratio": 0.25, "refine": True, "refine_minutes": 0.05}},
+    config = {"kv_ratio": 0.25, "rope_mode": mode}
+    plain = dscompile.optimize(model, {"mla": config}, calibration=data, lower="eager")
+    refined = dscompile.optimize(model, {"mla": {**config, "refine": True, "refine_minutes": 0.05}},
                                  calibration=data, lower="eager")
     x = ids(2, 32, seed=9)
     with torch.no_grad():
