@@ -63,10 +63,9 @@ def quality_row(row: dict, program: CachedProgram, baseline: dict, docs: list, c
 
 
 def heal_row(row: dict, program: CachedProgram, model: torch.nn.Module, calibration: list[torch.Tensor],
-             args: argparse.Namespace) -> int:
-    """Heal ``program`` for ``args.heal_minutes`` on the calibration windows (two per step), recording the run in
-    ``row["heal"]``; returns the steps taken."""
-    batches = [torch.cat(calibration[i:i + 2]) for i in range(0, len(calibration), 2)]
+             batches: list[torch.Tensor], args: argparse.Namespace) -> int:
+    """Heal ``program`` for ``args.heal_minutes`` on ``batches`` (the calibration windows, two per step), recording
+    the run in ``row["heal"]``; returns the steps taken."""
     if args.heal_generated:
         start = time.perf_counter()
         samples = sample_teacher_text(model, calibration, args.heal_generated, window=WINDOW)
@@ -153,6 +152,7 @@ def main() -> None:
     calibrate_s = time.perf_counter() - start
     print(f"calibrated on {len(calibration) * WINDOW} tokens in {calibrate_s:.0f} s", flush=True)
 
+    pairs = [torch.cat(calibration[i:i + 2]) for i in range(0, len(calibration), 2)]  # refinement's, healing's
     rows = []
     for ratio in ratios:
         program = build_cached_program(model, logits="all")
@@ -167,7 +167,6 @@ def main() -> None:
         quality_row(row, program, baseline, held_docs, held_code)
         _print(f"kv_ratio {ratio}", row)
         if args.refine_minutes:
-            pairs = [torch.cat(calibration[i:i + 2]) for i in range(0, len(calibration), 2)]
             report = refine_program(program, base, pairs, max_minutes=args.refine_minutes, lr=args.refine_lr,
                                     progress=True)
             row["refine"] = {"minutes": args.refine_minutes, "steps": report.steps, "lr": args.refine_lr,
@@ -175,7 +174,7 @@ def main() -> None:
             quality_row(row, program, baseline, held_docs, held_code, "refined_")
             _print(f"kv_ratio {ratio} refined ({report.steps} steps)", row, "refined_")
         if args.heal_minutes:
-            steps = heal_row(row, program, model, calibration, args)
+            steps = heal_row(row, program, model, calibration, pairs, args)
             quality_row(row, program, baseline, held_docs, held_code, "healed_")
             _print(f"kv_ratio {ratio} healed ({steps} steps)", row, "healed_")
         rows.append(row)

@@ -209,7 +209,7 @@ class OptimizedModel(torch.nn.Module):
         if self.profile.mla is not None:
             self.session.mla_plan = plan_program(self._program, self.profile.mla, batches)
             if self.profile.mla.refine:
-                refine_plan(self.session.mla_plan, self.original, batches,
+                refine_plan(self.session.mla_plan, self.original, self._program, batches,
                             max_minutes=self.profile.mla.refine_minutes)
         if self.profile.moe is not None:
             self.session.moe_plan = plan_moe(self._program, self.profile.moe, batches)

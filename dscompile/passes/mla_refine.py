@@ -128,11 +128,12 @@ def refine_program(student: CachedProgram, teacher: CachedProgram, batches: Sequ
     return report
 
 
-def refine_plan(plan: MLAPlan, model: torch.nn.Module, batches: Sequence[torch.Tensor], *,
+def refine_plan(plan: MLAPlan, model: torch.nn.Module, teacher: CachedProgram, batches: Sequence[torch.Tensor], *,
                 max_minutes: float = 5.0, max_steps: int | None = None, progress: bool = True) -> RefineReport:
     """Refine ``plan``'s factors in place on ``batches`` of token ids (every program built from the plan then
-    reads the refined factors), against ``model`` itself."""
-    teacher, student = build_cached_program(model), build_cached_program(model)
+    reads the refined factors), against ``teacher``, ``model``'s program without the plan (the one calibration
+    ran, left as it is)."""
+    student = build_cached_program(model)
     plan.apply(student)
     windows = calibration_windows(batches, fitting_window(student, REFINE_WINDOW), rows=2)
     return refine_program(student, teacher, windows, max_minutes=max_minutes, max_steps=max_steps,
