@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from dscompile import evaluate, models
-from dscompile.heal import heal_program
+from dscompile.heal import HEAL_LR, HEAL_LR_REFINED, heal_program
 from dscompile.passes import mla
 from dscompile.passes.kv_cache import CachedProgram, build_cached_program
 from dscompile.passes.mla_plan import make_plan
@@ -71,8 +71,9 @@ def heal_row(row: dict, program: CachedProgram, model: torch.nn.Module, calibrat
         samples = sample_teacher_text(model, calibration, args.heal_generated, window=WINDOW)
         row["heal_generated"] = {"tokens": samples.numel(), "seconds": time.perf_counter() - start}
         batches = interleave(batches, list(samples.split(2)))
-    report = heal_program(program, model, batches, max_minutes=args.heal_minutes, lr=args.heal_lr, progress=True)
-    row["heal"] = {"minutes": args.heal_minutes, "steps": report.steps, "lr": args.heal_lr,
+    lr = args.heal_lr or (HEAL_LR_REFINED if args.refine_minutes else HEAL_LR)
+    report = heal_program(program, model, batches, max_minutes=args.heal_minutes, lr=lr, progress=True)
+    row["heal"] = {"minutes": args.heal_minutes, "steps": report.steps, "lr": lr,
                    "kl_first": report.losses[0], "kl_last": report.losses[-1]}
     return report.steps
 
@@ -112,7 +113,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--calibration-windows", type=int, default=16)
     parser.add_argument("--heal-minutes", type=float, default=0.0, help="then heal each program this long")
-    parser.add_argument("--heal-lr", type=float, default=2e-4)
+    parser.add_argument("--heal-lr", type=float, default=None,
+                        help="default: 1e-4 after refinement, else 3e-4 (what dscompile.heal picks)")
     parser.add_argument("--refine-minutes", type=float, default=0.0,
                         help="refine each layer's factors on its attention output this long, before healing")
     parser.add_argument("--refine-lr", type=float, default=REFINE_LR)

@@ -13,6 +13,7 @@ from zoo import ZOO, built, example_ids
 import dscompile
 from dscompile import ConfigError
 from dscompile.evaluate import logits_of
+from dscompile.heal import HEAL_LR
 from dscompile.runtime.generate import prefill_logits
 
 NEAR_FULL = {"mla": {"kv_ratio": 0.999}}  # a budget that rounds to every layer's full K/V rank
@@ -90,8 +91,9 @@ def test_heal_needs_a_rewritten_model_and_warns_on_little_text(caplog):
         dscompile.heal(plain, ids(1, 64))
     optimized = dscompile.optimize(model, "mla", example_inputs=ids(1, 16), lower="eager")
     with caplog.at_level(logging.WARNING, logger="dscompile"):
-        dscompile.heal(optimized, ids(1, 64), max_steps=1, progress=False)
+        report = dscompile.heal(optimized, ids(1, 64), max_steps=1, progress=False)
     assert "healing on 64 tokens" in caplog.text
+    assert report.lr == HEAL_LR  # unrefined factors: the default rate
 
 
 def test_generation_matches_the_forward_on_a_zoo_model_with_sliding_windows():

@@ -13,6 +13,7 @@ from zoo import built, example_ids
 import dscompile
 from dscompile import ConfigError
 from dscompile.evaluate import logits_of
+from dscompile.heal import HEAL_LR_REFINED
 from dscompile.passes import mla
 from dscompile.passes.kv_cache import build_cached_program
 from dscompile.passes.mla_plan import unfuse_program
@@ -83,6 +84,8 @@ def test_optimize_refines_the_plan_that_both_paths_and_a_saved_copy_read(tmp_pat
     loaded = dscompile.load_optimized(tmp_path / "refined", model, lower="eager")  # not refined again: as saved
     with torch.no_grad():
         torch.testing.assert_close(logits_of(loaded(x)), after, atol=1e-5, rtol=0)
+    # healing a refined model (here the saved copy) starts at the lower rate that keeps refinement's gains
+    assert dscompile.heal(loaded, data, max_steps=1, progress=False).lr == HEAL_LR_REFINED
 
 
 def test_refinement_needs_calibration_text_and_factors(caplog):
