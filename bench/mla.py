@@ -35,6 +35,7 @@ from dscompile.heal import HEAL_LR, HEAL_LR_REFINED, heal_program
 from dscompile.passes import mla
 from dscompile.passes.kv_cache import CachedProgram, build_cached_program
 from dscompile.passes.mla_plan import make_plan
+from dscompile.passes.mla_ranks import sensitive_plan
 from dscompile.passes.mla_refine import REFINE_LR, refine_program
 from dscompile.profile import MLAConfig, Profile
 from dscompile.runtime.generate import Runtime, prefill_logits
@@ -109,6 +110,8 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.75,0.5,0.25")
     parser.add_argument("--v-weight", type=float, default=1.0)
     parser.add_argument("--mode", default="reconstruct", choices=("reconstruct", "absorb"))
+    parser.add_argument("--ranks", default="uniform", choices=("uniform", "sensitivity"),
+                        help="how the KV budget is split over the layers (MLAConfig.ranks)")
     parser.add_argument("--rope-dims", type=int, default=None, help="absorb mode: rotary dims kept per KV head")
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--calibration-windows", type=int, default=16)
@@ -159,10 +162,13 @@ def main() -> None:
     for ratio in ratios:
         program = build_cached_program(model, logits="all")
         start = time.perf_counter()
-        plan = make_plan(_config(ratio, args), program.matches.attention, grams, len(calibration) * WINDOW)
+        config, tokens = _config(ratio, args), len(calibration) * WINDOW
+        plan = (sensitive_plan(config, program.matches.attention, grams, tokens, model, base, pairs)
+                if args.ranks == "sensitivity" else make_plan(config, program.matches.attention, grams, tokens))
         plan.apply(program)
         build_s = time.perf_counter() - start
-        row = {"kv_ratio": ratio, "mode": args.mode, "v_weight": args.v_weight, "kv_bytes_per_token":
+        row = {"kv_ratio": ratio, "mode": args.mode, "v_weight": args.v_weight, "rank_allocation": args.ranks,
+               "kv_bytes_per_token":
                program.cache_bytes_per_token(), "factorize_s": build_s, "ranks": list(plan.ranks().values())}
         if args.mode == "absorb":
             row["rope_dims"] = sorted({len(d) for d in plan.rope_dims.values()})
@@ -187,7 +193,8 @@ def main() -> None:
 
 
 def _config(ratio: float, args: argparse.Namespace) -> MLAConfig | None:
-    return MLAConfig(ratio, args.mode, v_weight=args.v_weight, rope_dims=args.rope_dims) if ratio else None
+    return MLAConfig(ratio, args.mode, v_weight=args.v_weight, rope_dims=args.rope_dims,
+                     ranks=args.ranks) if ratio else None
 
 
 def write_result(out: Path, data: dict) -> None:

@@ -207,7 +207,7 @@ class OptimizedModel(torch.nn.Module):
         first compile (``optimize`` does it)."""
         self._program = build_cached_program(self.original)
         if self.profile.mla is not None:
-            self.session.mla_plan = plan_program(self._program, self.profile.mla, batches)
+            self.session.mla_plan = plan_program(self._program, self.profile.mla, batches, self.original)
             if self.profile.mla.refine:
                 refine_plan(self.session.mla_plan, self.original, self._program, batches,
                             max_minutes=self.profile.mla.refine_minutes)

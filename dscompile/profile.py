@@ -33,8 +33,11 @@ class MLAConfig:
     refine_minutes: float = 5.0
     v_weight: float = 1.0  # weight of V's rows against K's in the joint factorization
     rope_dims: int | None = None  # absorb mode: rotary dims kept per KV head (None: see mla_rope.default_rope_dims)
+    ranks: str = "uniform"  # "uniform": the budget split evenly; "sensitivity": by each layer's measured error
 
     def __post_init__(self) -> None:
+        if self.ranks not in ("uniform", "sensitivity"):
+            raise ConfigError(f"mla.ranks must be 'uniform' or 'sensitivity', got {self.ranks!r}")
         if not 0.0 < self.kv_ratio < 1.0:
             raise ConfigError(f"mla.kv_ratio must be in (0, 1) (fraction of KV bytes kept), got {self.kv_ratio}")
         if not self.refine_minutes > 0:

@@ -18,6 +18,7 @@ import torch
 
 from ..calibrate import Gram, record_grams
 from ..capture import CapturedGraph
+from ..errors import ConfigError
 from ..lowrank import JointFactors
 from ..patterns import AttentionMatch
 from ..profile import MLAConfig
@@ -106,16 +107,20 @@ class MLAPlan:
 
 
 def make_plan(config: MLAConfig, attentions: Sequence[AttentionMatch], grams: dict[int, Gram] | None,
-              tokens: int) -> MLAPlan:
-    """Factor ``attentions`` under ``config``'s KV budget; warn when ``tokens`` of calibration is too little."""
+              tokens: int, *, ranks: Sequence[int] | None = None, full_rank: bool = False,
+              warn: bool = True) -> MLAPlan:
+    """Factor ``attentions`` under ``config``'s KV budget split evenly, or at ``ranks`` (one per layer that takes a
+    latent), or at every layer's full rank; with ``warn``, warn when ``tokens`` of calibration is too little."""
     plan = MLAPlan(config, calibration_tokens=tokens)
-    _warn_if_thin(attentions, tokens)
+    if warn:
+        _warn_if_thin(attentions, tokens)
     rope: dict[int, tuple[int, ...]] | None = None
     if plan.absorb:
         rope = {i: choose_rope_dims(a, mla.layer_covariance(grams, i), default_rope_dims(a, config.kv_ratio)
                                     if config.rope_dims is None else config.rope_dims)
                 for i, a in enumerate(attentions) if plan.reason(a) is None}
-    factors = mla.factorize_attention(attentions, grams, config.kv_ratio, v_weight=config.v_weight, rope_dims=rope)
+    factors = mla.factorize_attention(attentions, grams, 1.0 if full_rank else config.kv_ratio,
+                                      v_weight=config.v_weight, ranks=ranks, rope_dims=rope)
     for i, attn in enumerate(attentions):
         reason = plan.reason(attn)
         if reason is not None:
@@ -133,12 +138,21 @@ def make_plan(config: MLAConfig, attentions: Sequence[AttentionMatch], grams: di
     return plan
 
 
-def plan_program(program: mla.CachedProgram, config: MLAConfig, batches: Sequence[torch.Tensor]) -> MLAPlan:
-    """Calibrate on ``batches`` of token ids through the runtime's program (before any latent rewrite) and plan."""
+def plan_program(program: mla.CachedProgram, config: MLAConfig, batches: Sequence[torch.Tensor],
+                 model: torch.nn.Module | None = None, progress: bool = True) -> MLAPlan:
+    """Calibrate on ``batches`` of token ids through the runtime's program (before any latent rewrite) and plan.
+    ``config.ranks == "sensitivity"`` measures each layer against ``program`` with ``model``'s latent program."""
     attentions = unfuse_program(program)
     windows = calibration_windows(batches, fitting_window(program))
     grams = mla.calibrate(program, windows)
-    return make_plan(config, attentions, grams, sum(w.numel() for w in windows))
+    tokens = sum(w.numel() for w in windows)
+    if config.ranks != "sensitivity":
+        return make_plan(config, attentions, grams, tokens)
+    if model is None:
+        raise ConfigError("mla.ranks='sensitivity' measures the model's layers: plan_program needs the model")
+    from .mla_ranks import sensitive_plan
+
+    return sensitive_plan(config, attentions, grams, tokens, model, program, batches, progress)
 
 
 def unfuse_program(program: mla.CachedProgram) -> list[AttentionMatch]:
@@ -152,6 +166,10 @@ def plan_graph(captured: CapturedGraph, attentions: Sequence[AttentionMatch], co
     if config.refine:
         log.warning("mla.refine: refinement fits the factors on calibration text, which a bare torch.compile does "
                     "not have; these factors are not refined (use dscompile.optimize(model, profile, "
+                    "calibration=...))")
+    if config.ranks == "sensitivity":
+        log.warning("mla.ranks='sensitivity' measures each layer on calibration text, which a bare torch.compile "
+                    "does not have; the budget is split evenly (use dscompile.optimize(model, profile, "
                     "calibration=...))")
     inputs = list(dict.fromkeys(a.k.input for a in attentions if mla.unsupported_reason(a) is None))
     if not inputs:

@@ -93,32 +93,45 @@ def _reshape_of(node: Node) -> Node | None:
     return None
 
 
-def refine_program(student: CachedProgram, teacher: CachedProgram, batches: Sequence[torch.Tensor], *,
-                   max_minutes: float = 5.0, max_steps: int | None = None, lr: float = REFINE_LR,
-                   progress: bool = False) -> RefineReport:
-    """Fit ``student``'s MLA factors so that each layer's attention output matches ``teacher``'s (the same model
-    without MLA) on ``batches`` of token ids, cycling through them until ``max_minutes`` or ``max_steps``."""
-    from ..runtime.generate import prefill_arguments
-
-    params = {n: p for n, p in student.gm.named_parameters() if n.startswith("mla_")}
-    if not params:
-        raise ConfigError("refinement needs a program with MLA factors (apply an MLA plan first)")
-    if not batches:
-        raise ConfigError("refinement needs at least one batch of token ids")
+def forced_sites(student: CachedProgram, teacher: CachedProgram) -> tuple[list[str], list[str]]:
+    """The node names of every layer's attention input (forced) and output (compared), checked to exist in
+    ``student`` (the rewritten program) as in ``teacher`` (the original's)."""
     names = {n.name for n in student.gm.graph.nodes}
     sites = attention_sites(teacher, names)
     lost = [name for site in sites for name in site if name not in names]
     if len(attention_sites(student)) != len(sites) or lost:
         raise ConfigError(f"refinement: the rewritten program lacks the original's attention nodes {lost}")
-    inputs, outputs = [s[0] for s in sites], [s[1] for s in sites]
+    return [s[0] for s in sites], [s[1] for s in sites]
+
+
+def attention_output_errors(student: CachedProgram, teacher: CachedProgram, ids: torch.Tensor,
+                            sites: tuple[list[str], list[str]] | None = None) -> list[torch.Tensor]:
+    """Per layer, the relative squared error of ``student``'s attention output against ``teacher``'s on ``ids``,
+    each layer's input forced to the teacher's (``sites`` from :func:`forced_sites`, found when not given)."""
+    from ..runtime.generate import prefill_arguments
+
+    inputs, outputs = sites if sites is not None else forced_sites(student, teacher)
+    with torch.no_grad():
+        want = tapped(teacher.gm, prefill_arguments(teacher, ids), inputs + outputs)
+    got = tapped(student.gm, prefill_arguments(student, ids), outputs, forced={name: want[name] for name in inputs})
+    return [(got[o] - want[o]).pow(2).mean() / want[o].pow(2).mean().clamp_min(1e-12) for o in outputs]
+
+
+def refine_program(student: CachedProgram, teacher: CachedProgram, batches: Sequence[torch.Tensor], *,
+                   max_minutes: float = 5.0, max_steps: int | None = None, lr: float = REFINE_LR,
+                   progress: bool = False) -> RefineReport:
+    """Fit ``student``'s MLA factors so that each layer's attention output matches ``teacher``'s (the same model
+    without MLA) on ``batches`` of token ids, cycling through them until ``max_minutes`` or ``max_steps``."""
+    params = {n: p for n, p in student.gm.named_parameters() if n.startswith("mla_")}
+    if not params:
+        raise ConfigError("refinement needs a program with MLA factors (apply an MLA plan first)")
+    if not batches:
+        raise ConfigError("refinement needs at least one batch of token ids")
+    sites = forced_sites(student, teacher)
 
     def loss_of_step(step: int) -> torch.Tensor:
         ids = batches[step % len(batches)]
-        with torch.no_grad():
-            want = tapped(teacher.gm, prefill_arguments(teacher, ids), inputs + outputs)
-        got = tapped(student.gm, prefill_arguments(student, ids), outputs, forced={name: want[name] for name in inputs})
-        errors = [(got[o] - want[o]).pow(2).mean() / want[o].pow(2).mean().clamp_min(1e-12) for o in outputs]
-        return torch.stack(errors).mean()
+        return torch.stack(attention_output_errors(student, teacher, ids, sites)).mean()
 
     run = train_parameters(student.gm, params, loss_of_step, max_minutes=max_minutes, max_steps=max_steps, lr=lr,
                            progress=progress, desc="refining MLA factors", metric="error")
