@@ -30,7 +30,7 @@ from ..profile import MLAConfig
 from ..runtime.generate import prefill_arguments
 from .kv_cache import CachedProgram, build_cached_program
 from .mla_plan import MLAPlan, calibration_windows, fitting_window, layer_key, make_plan
-from .mla_refine import forced_sites, tapped
+from .mla_refine import forced_outputs, forced_sites
 
 log = logging.getLogger("dscompile")
 
@@ -75,12 +75,9 @@ def weighted_errors(student: CachedProgram, teacher: CachedProgram, ids: torch.T
                     sites: tuple[list[str], list[str]], weights: dict[str, torch.Tensor]) -> list[float]:
     """Per layer, ``sum(weights * (student - teacher)^2)`` over its attention output on ``ids``, each layer's input
     forced to the teacher's: with Fisher weights, the layer's second-order share of the loss increase."""
-    inputs, outputs = sites
     with torch.no_grad():
-        want = tapped(teacher.gm, prefill_arguments(teacher, ids), inputs + outputs)
-        got = tapped(student.gm, prefill_arguments(student, ids), outputs,
-                     forced={name: want[name] for name in inputs})
-    return [float((weights[o] * (got[o] - want[o]).pow(2)).sum()) / ids.numel() for o in outputs]
+        got, want = forced_outputs(student, teacher, ids, sites)
+    return [float((weights[o] * (got[o] - want[o]).pow(2)).sum()) / ids.numel() for o in sites[1]]
 
 
 def measure_errors(full: MLAPlan, model: torch.nn.Module, teacher: CachedProgram, windows: Sequence[torch.Tensor],

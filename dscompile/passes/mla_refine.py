@@ -104,17 +104,26 @@ def forced_sites(student: CachedProgram, teacher: CachedProgram) -> tuple[list[s
     return [s[0] for s in sites], [s[1] for s in sites]
 
 
+def forced_outputs(student: CachedProgram, teacher: CachedProgram, ids: torch.Tensor,
+                   sites: tuple[list[str], list[str]]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``student``'s and ``teacher``'s attention outputs on ``ids`` (``sites`` from :func:`forced_sites`), each of
+    the student's layers fed the teacher's input to it: every layer's error is its own."""
+    from ..runtime.generate import prefill_arguments
+
+    inputs, outputs = sites
+    with torch.no_grad():
+        want = tapped(teacher.gm, prefill_arguments(teacher, ids), inputs + outputs)
+    got = tapped(student.gm, prefill_arguments(student, ids), outputs, forced={name: want[name] for name in inputs})
+    return got, want
+
+
 def attention_output_errors(student: CachedProgram, teacher: CachedProgram, ids: torch.Tensor,
                             sites: tuple[list[str], list[str]] | None = None) -> list[torch.Tensor]:
     """Per layer, the relative squared error of ``student``'s attention output against ``teacher``'s on ``ids``,
     each layer's input forced to the teacher's (``sites`` from :func:`forced_sites`, found when not given)."""
-    from ..runtime.generate import prefill_arguments
-
-    inputs, outputs = sites if sites is not None else forced_sites(student, teacher)
-    with torch.no_grad():
-        want = tapped(teacher.gm, prefill_arguments(teacher, ids), inputs + outputs)
-    got = tapped(student.gm, prefill_arguments(student, ids), outputs, forced={name: want[name] for name in inputs})
-    return [(got[o] - want[o]).pow(2).mean() / want[o].pow(2).mean().clamp_min(1e-12) for o in outputs]
+    sites = sites if sites is not None else forced_sites(student, teacher)
+    got, want = forced_outputs(student, teacher, ids, sites)
+    return [(got[o] - want[o]).pow(2).mean() / want[o].pow(2).mean().clamp_min(1e-12) for o in sites[1]]
 
 
 def refine_program(student: CachedProgram, teacher: CachedProgram, batches: Sequence[torch.Tensor], *,
