@@ -118,10 +118,9 @@ def forced_outputs(student: CachedProgram, teacher: CachedProgram, ids: torch.Te
 
 
 def attention_output_errors(student: CachedProgram, teacher: CachedProgram, ids: torch.Tensor,
-                            sites: tuple[list[str], list[str]] | None = None) -> list[torch.Tensor]:
+                            sites: tuple[list[str], list[str]]) -> list[torch.Tensor]:
     """Per layer, the relative squared error of ``student``'s attention output against ``teacher``'s on ``ids``,
-    each layer's input forced to the teacher's (``sites`` from :func:`forced_sites`, found when not given)."""
-    sites = sites if sites is not None else forced_sites(student, teacher)
+    each layer's input forced to the teacher's (``sites`` from :func:`forced_sites`)."""
     got, want = forced_outputs(student, teacher, ids, sites)
     return [(got[o] - want[o]).pow(2).mean() / want[o].pow(2).mean().clamp_min(1e-12) for o in sites[1]]
 
