@@ -36,7 +36,7 @@ from dscompile.passes import mla
 from dscompile.passes.kv_cache import CachedProgram, build_cached_program
 from dscompile.passes.mla_plan import make_plan
 from dscompile.passes.mla_ranks import sensitive_plan
-from dscompile.passes.mla_refine import REFINE_LR, refine_program
+from dscompile.passes.mla_refine import REFINE_LR, forced_sites, loss_weights, refine_program
 from dscompile.profile import MLAConfig, Profile
 from dscompile.runtime.generate import Runtime, prefill_logits
 
@@ -121,6 +121,9 @@ def main() -> None:
     parser.add_argument("--refine-minutes", type=float, default=0.0,
                         help="refine each layer's factors on its attention output this long, before healing")
     parser.add_argument("--refine-lr", type=float, default=REFINE_LR)
+    parser.add_argument("--refine-weights", default="fisher", choices=("fisher", "none"),
+                        help="weight each channel's refinement error by the original's loss sensitivity (the library's "
+                             "choice) or not")
     parser.add_argument("--heal-generated", type=int, default=0,
                         help="also heal on this many tokens the original model samples itself")
     parser.add_argument("--out", default="bench/results/mla.json")
@@ -175,9 +178,12 @@ def main() -> None:
         quality_row(row, program, baseline, held_docs, held_code)
         _print(f"kv_ratio {ratio}", row)
         if args.refine_minutes:
+            weights = (loss_weights(model, forced_sites(program, base)[1], pairs)
+                       if args.refine_weights == "fisher" else None)
             report = refine_program(program, base, pairs, max_minutes=args.refine_minutes, lr=args.refine_lr,
-                                    progress=True)
+                                    weights=weights, progress=True)
             row["refine"] = {"minutes": args.refine_minutes, "steps": report.steps, "lr": args.refine_lr,
+                             "weights": args.refine_weights,
                              "error_first": report.losses[0], "error_last": report.losses[-1]}
             quality_row(row, program, baseline, held_docs, held_code, "refined_")
             _print(f"kv_ratio {ratio} refined ({report.steps} steps)", row, "refined_")

@@ -15,8 +15,16 @@ from dscompile import ConfigError
 from dscompile.evaluate import logits_of
 from dscompile.passes import mla
 from dscompile.passes.kv_cache import build_cached_program
+from dscompile.passes.mla_fisher import fisher_weights
 from dscompile.passes.mla_plan import calibration_windows, make_plan, unfuse_program
-from dscompile.passes.mla_ranks import _lower_hull, allocate, fisher_weights, measure_errors, rank_grid, weighted_errors
+from dscompile.passes.mla_ranks import (
+    _lower_hull,
+    allocate,
+    even_ranks,
+    measure_errors,
+    rank_grid,
+    weighted_errors,
+)
 from dscompile.passes.mla_refine import forced_sites
 from dscompile.runtime.generate import prefill_logits
 
@@ -74,6 +82,30 @@ def test_measured_errors_are_those_of_real_rank_r_factors():
     real = [sum(e[i] for e in per_window) / len(windows) for i in range(3)]
     torch.testing.assert_close(torch.tensor(real), torch.tensor([errors[0][1], errors[1][4], errors[2][6]]),
                                rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["reconstruct", "absorb"])
+def test_one_full_rank_factorization_gives_the_even_ranks_and_every_rank_r_plan(mode):
+    model = tiny_llama(layers=3)
+    teacher = build_cached_program(model)
+    attentions = unfuse_program(teacher)
+    grams = mla.calibrate(teacher, [torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(1))])
+    config = dscompile.MLAConfig(kv_ratio=0.3, rope_mode=mode)
+    full = make_plan(config, attentions, grams, 96, full_rank=True, warn=False)
+    even = make_plan(config, attentions, grams, 96, warn=False)
+    assert even_ranks(full, attentions) == [f.rank for f in even.factors.values()]
+    ranks = [3, 11, 7]
+    direct, cut = make_plan(config, attentions, grams, 96, ranks=ranks, warn=False), full.truncated(ranks)
+    assert cut.ranks() == direct.ranks() and cut.rope_dims == direct.rope_dims
+    for a, b in zip(direct.factors.values(), cut.factors.values()):
+        torch.testing.assert_close(b.down, a.down)
+        for ua, ub in zip(a.ups, b.ups):
+            torch.testing.assert_close(ub, ua)
+    assert full.factors[next(iter(full.factors))].rank > 11  # the full plan is left whole
+    with pytest.raises(ConfigError, match="one entry per"):
+        full.truncated([3, 4])
+    with pytest.raises(ConfigError, match="outside"):
+        full.truncated([0, 4, 4])
 
 
 def test_optimize_by_sensitivity_keeps_the_budget_and_runs_everywhere(tmp_path, caplog):

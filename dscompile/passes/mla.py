@@ -102,15 +102,8 @@ def factorize_attention(attentions: Sequence[AttentionMatch], grams: dict[int, G
     if not full:
         return {}
     if ranks is None:
-        if not 0.0 < kv_ratio <= 1.0:
-            raise ConfigError(f"kv_ratio must be in (0, 1], got {kv_ratio}")
-        budget = round(kv_ratio * sum(attentions[i].kv_width for i in full)) - reserved
-        if budget < len(full) and reserved:
-            raise ConfigError(f"kv_ratio={kv_ratio} leaves no room for a latent once the rotary key dimensions "
-                              f"({reserved} values per token) are cached: raise kv_ratio or lower mla.rope_dims")
-        budget = max(budget, len(full))
-        budget = min(budget, sum(f.rank for f in full.values()))
-        ranks = allocate_ranks([full[i].spectrum for i in full], budget, strategy=strategy)
+        ranks = budget_ranks([attentions[i].kv_width for i in full], list(full.values()), kv_ratio, reserved,
+                             strategy)
     elif len(ranks) != len(full):
         raise ConfigError(f"ranks needs one entry per factorable layer ({len(full)}), got {len(ranks)}")
     out: dict[int, JointFactors] = {}
@@ -119,6 +112,20 @@ def factorize_attention(attentions: Sequence[AttentionMatch], grams: dict[int, G
             raise ConfigError(f"rank {r} for layer {i} is outside [1, {f.rank}] (its K/V width)")
         out[i] = JointFactors(f.down[:r].contiguous(), [u[:, :r].contiguous() for u in f.ups], f.spectrum)
     return out
+
+
+def budget_ranks(kv_widths: Sequence[int], full: Sequence[JointFactors], kv_ratio: float, reserved: int = 0,
+                 strategy: str = "uniform") -> list[int]:
+    """Latent ranks for layers of ``kv_widths`` cached values each (``full``: their full-rank factors) that keep
+    ``kv_ratio`` of those values, ``reserved`` of them going to rotary key dimensions cached as they are."""
+    if not 0.0 < kv_ratio <= 1.0:
+        raise ConfigError(f"kv_ratio must be in (0, 1], got {kv_ratio}")
+    budget = round(kv_ratio * sum(kv_widths)) - reserved
+    if budget < len(full) and reserved:
+        raise ConfigError(f"kv_ratio={kv_ratio} leaves no room for a latent once the rotary key dimensions "
+                          f"({reserved} values per token) are cached: raise kv_ratio or lower mla.rope_dims")
+    budget = min(max(budget, len(full)), sum(f.rank for f in full))
+    return allocate_ranks([f.spectrum for f in full], budget, strategy=strategy)
 
 
 def layer_covariance(grams: dict[int, Gram] | None, i: int) -> torch.Tensor | None:

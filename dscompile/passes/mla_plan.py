@@ -105,6 +105,20 @@ class MLAPlan:
     def ranks(self) -> dict[str, int]:
         return {self.layers[k]: f.rank for k, f in self.factors.items()}
 
+    def truncated(self, ranks: Sequence[int]) -> MLAPlan:
+        """This plan's layers at ``ranks`` (one per layer, in the order of its factors): each layer's leading latent
+        dimensions, which are the rank-``r`` factorization, for a plan made at full rank."""
+        if len(ranks) != len(self.factors):
+            raise ConfigError(f"ranks needs one entry per factored layer ({len(self.factors)}), got {len(ranks)}")
+        plan = MLAPlan(self.config, layers=dict(self.layers), calibration_tokens=self.calibration_tokens,
+                       skipped=dict(self.skipped), rope_dims=dict(self.rope_dims))
+        for (key, f), r in zip(self.factors.items(), ranks):
+            if not 1 <= r <= f.rank:
+                raise ConfigError(f"rank {r} for {self.layers[key]} is outside [1, {f.rank}]")
+            plan.factors[key] = JointFactors(_parameter(f.down[:r]), [_parameter(u[:, :r]) for u in f.ups],
+                                             f.spectrum)
+        return plan
+
 
 def make_plan(config: MLAConfig, attentions: Sequence[AttentionMatch], grams: dict[int, Gram] | None,
               tokens: int, *, ranks: Sequence[int] | None = None, full_rank: bool = False,

@@ -17,18 +17,16 @@ from __future__ import annotations
 import heapq
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch.fx import Interpreter
 
 from ..calibrate import Gram
 from ..log import progress_bar
 from ..patterns import AttentionMatch
 from ..profile import MLAConfig
-from ..runtime.generate import prefill_arguments
+from . import mla
 from .kv_cache import CachedProgram, build_cached_program
+from .mla_fisher import fisher_weights
 from .mla_plan import MLAPlan, calibration_windows, fitting_window, layer_key, make_plan
 from .mla_refine import forced_outputs, forced_sites
 
@@ -41,34 +39,6 @@ too: its error is the float rounding)."""
 SENSITIVITY_WINDOWS = 4
 """Calibration windows per grid point (two rows of ``SENSITIVITY_WINDOW`` tokens each)."""
 SENSITIVITY_WINDOW = 256
-
-
-def fisher_weights(student: CachedProgram, outputs: Sequence[str], ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per attention output node: the squared gradient of the next-token loss on ``ids`` with respect to it (the
-    empirical Fisher's diagonal), ``student`` being a ``logits="all"`` program that computes the original model."""
-    runner = _Keeping(student.gm, outputs)
-    with torch.enable_grad():
-        logits = runner.run(*prefill_arguments(student, ids))[0]
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
-        grads = torch.autograd.grad(loss, [runner.kept[o] for o in outputs])
-    return {o: g.detach().pow(2) for o, g in zip(outputs, grads)}
-
-
-class _Keeping(Interpreter):
-    """Runs a graph keeping the values of ``names`` in the autograd graph (a leaf where nothing above needs a
-    gradient), so the loss can be differentiated with respect to them."""
-
-    def __init__(self, gm: torch.fx.GraphModule, names: Sequence[str]):
-        super().__init__(gm, garbage_collect_values=True)
-        self.names, self.kept = set(names), {}
-
-    def run_node(self, n: torch.fx.Node) -> Any:
-        value = super().run_node(n)
-        if n.name in self.names:
-            if not value.requires_grad:
-                value = value.detach().requires_grad_()
-            self.kept[n.name] = value
-        return value
 
 
 def weighted_errors(student: CachedProgram, teacher: CachedProgram, ids: torch.Tensor,
@@ -171,11 +141,10 @@ def _lower_hull(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
     return hull
 
 
-def sensitivity_ranks(uniform: MLAPlan, full: MLAPlan, model: torch.nn.Module, teacher: CachedProgram,
+def sensitivity_ranks(full: MLAPlan, given: Sequence[int], model: torch.nn.Module, teacher: CachedProgram,
                       windows: Sequence[torch.Tensor], progress: bool = False) -> list[int]:
-    """Ranks for ``uniform``'s layers (in the order of its factors) with the same total, by measured sensitivity;
-    ``full`` is the same layers at full rank."""
-    given = [f.rank for f in uniform.factors.values()]
+    """Ranks for ``full``'s layers (in the order of its factors, at full rank there) with the same total as
+    ``given``, by measured sensitivity."""
     grid = rank_grid(given, [f.rank for f in full.factors.values()])
     errors = measure_errors(full, model, teacher, windows[:SENSITIVITY_WINDOWS], grid, progress)
     ranks = allocate(errors, grid, sum(given))
@@ -183,16 +152,24 @@ def sensitivity_ranks(uniform: MLAPlan, full: MLAPlan, model: torch.nn.Module, t
     return ranks
 
 
+def even_ranks(full: MLAPlan, attentions: Sequence[AttentionMatch]) -> list[int]:
+    """The ranks :func:`.mla_plan.make_plan` gives ``full``'s layers (of ``attentions``) under its budget, split
+    evenly."""
+    covered = [a for a in attentions if layer_key(a) in full.factors]
+    reserved = sum(a.n_kv_heads * len(full.rope_dims[layer_key(a)]) for a in covered) if full.absorb else 0
+    return mla.budget_ranks([a.kv_width for a in covered], list(full.factors.values()), full.config.kv_ratio,
+                            reserved)
+
+
 def sensitive_plan(config: MLAConfig, attentions: Sequence[AttentionMatch], grams: dict[int, Gram] | None,
                    tokens: int, model: torch.nn.Module, teacher: CachedProgram, batches: Sequence[torch.Tensor],
                    progress: bool = True) -> MLAPlan:
     """The plan :func:`.mla_plan.make_plan` would make, its budget reallocated by measured sensitivity against
     ``teacher`` (``model``'s program before any rewrite, whose ``attentions`` were calibrated into ``grams``) on
-    ``batches`` of token ids."""
-    uniform = make_plan(config, attentions, grams, tokens)
-    if not uniform.factors:
-        return uniform
-    full = make_plan(config, attentions, grams, tokens, full_rank=True, warn=False)
+    ``batches`` of token ids. One factorization, at full rank, serves the measure and the plan."""
+    full = make_plan(config, attentions, grams, tokens, full_rank=True)
+    if not full.factors:
+        return full
     windows = calibration_windows(batches, fitting_window(teacher, SENSITIVITY_WINDOW), rows=2)
-    ranks = sensitivity_ranks(uniform, full, model, teacher, windows, progress)
-    return make_plan(config, attentions, grams, tokens, ranks=ranks, warn=False)
+    ranks = sensitivity_ranks(full, even_ranks(full, attentions), model, teacher, windows, progress)
+    return full.truncated(ranks)

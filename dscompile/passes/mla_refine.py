@@ -22,6 +22,7 @@ from ..errors import ConfigError
 from ..patterns import ops
 from ..train_loop import train_parameters
 from .kv_cache import CachedProgram, build_cached_program
+from .mla_fisher import channel_weights
 from .mla_plan import MLAPlan, calibration_windows, fitting_window
 
 log = logging.getLogger("dscompile")
@@ -118,18 +119,25 @@ def forced_outputs(student: CachedProgram, teacher: CachedProgram, ids: torch.Te
 
 
 def attention_output_errors(student: CachedProgram, teacher: CachedProgram, ids: torch.Tensor,
-                            sites: tuple[list[str], list[str]]) -> list[torch.Tensor]:
+                            sites: tuple[list[str], list[str]],
+                            weights: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Per layer, the relative squared error of ``student``'s attention output against ``teacher``'s on ``ids``,
-    each layer's input forced to the teacher's (``sites`` from :func:`forced_sites`)."""
+    each layer's input forced to the teacher's (``sites`` from :func:`forced_sites`), its channels weighted by
+    ``weights`` (per output node, broadcast over the last dimension; none: all alike)."""
     got, want = forced_outputs(student, teacher, ids, sites)
-    return [(got[o] - want[o]).pow(2).mean() / want[o].pow(2).mean().clamp_min(1e-12) for o in sites[1]]
+    errors = []
+    for o in sites[1]:
+        w = weights[o] if weights is not None else 1.0
+        errors.append((w * (got[o] - want[o]).pow(2)).mean() / (w * want[o].pow(2)).mean().clamp_min(1e-12))
+    return errors
 
 
 def refine_program(student: CachedProgram, teacher: CachedProgram, batches: Sequence[torch.Tensor], *,
                    max_minutes: float = 5.0, max_steps: int | None = None, lr: float = REFINE_LR,
-                   progress: bool = False) -> RefineReport:
+                   weights: dict[str, torch.Tensor] | None = None, progress: bool = False) -> RefineReport:
     """Fit ``student``'s MLA factors so that each layer's attention output matches ``teacher``'s (the same model
-    without MLA) on ``batches`` of token ids, cycling through them until ``max_minutes`` or ``max_steps``."""
+    without MLA) on ``batches`` of token ids, cycling through them until ``max_minutes`` or ``max_steps``; with
+    ``weights`` (:func:`.mla_fisher.channel_weights`), each channel's error counts by what it costs the loss."""
     params = {n: p for n, p in student.gm.named_parameters() if n.startswith("mla_")}
     if not params:
         raise ConfigError("refinement needs a program with MLA factors (apply an MLA plan first)")
@@ -139,7 +147,7 @@ def refine_program(student: CachedProgram, teacher: CachedProgram, batches: Sequ
 
     def loss_of_step(step: int) -> torch.Tensor:
         ids = batches[step % len(batches)]
-        return torch.stack(attention_output_errors(student, teacher, ids, sites)).mean()
+        return torch.stack(attention_output_errors(student, teacher, ids, sites, weights)).mean()
 
     run = train_parameters(student.gm, params, loss_of_step, max_minutes=max_minutes, max_steps=max_steps, lr=lr,
                            progress=progress, desc="refining MLA factors", metric="error")
@@ -153,9 +161,18 @@ def refine_plan(plan: MLAPlan, model: torch.nn.Module, teacher: CachedProgram, b
                 max_minutes: float = 5.0, max_steps: int | None = None, progress: bool = True) -> RefineReport:
     """Refine ``plan``'s factors in place on ``batches`` of token ids (every program built from the plan then
     reads the refined factors), against ``teacher``, ``model``'s program without the plan (the one calibration
-    ran, left as it is)."""
+    ran, left as it is), each channel's error weighted by the original model's Fisher diagonal there."""
     student = build_cached_program(model)
     plan.apply(student)
     windows = calibration_windows(batches, fitting_window(student, REFINE_WINDOW), rows=2)
+    weights = loss_weights(model, forced_sites(student, teacher)[1], windows)
     return refine_program(student, teacher, windows, max_minutes=max_minutes, max_steps=max_steps,
-                          progress=progress)
+                          weights=weights, progress=progress)
+
+
+def loss_weights(model: torch.nn.Module, outputs: Sequence[str],
+                 windows: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per attention output node: the original ``model``'s loss sensitivity per channel on ``windows``. On
+    SmolLM2 at a 50% KV cut, refining on these weights and healing healed to -3.6% / +1.3% perplexity (docs /
+    code) against -1.6% / +3.4% for the unweighted error."""
+    return channel_weights(build_cached_program(model, logits="all"), outputs, windows)
