@@ -6,6 +6,7 @@ Inductor's FX graph cache is off (DESIGN decision 6: a cached artefact would hid
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,10 @@ import pytest
 import torch._inductor.config
 
 torch._inductor.config.fx_graph_cache = False
+
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:  # parallel test workers (scripts/test.sh) share the cores instead of each taking them all
+    torch.set_num_threads(max(1, int(os.environ.get("DSCOMPILE_TEST_CORES", os.cpu_count() or 1)) // _WORKERS))
 
 _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
