@@ -115,7 +115,7 @@ class MLAPlan:
         for (key, f), r in zip(self.factors.items(), ranks):
             if not 1 <= r <= f.rank:
                 raise ConfigError(f"rank {r} for {self.layers[key]} is outside [1, {f.rank}]")
-            plan.factors[key] = JointFactors(_parameter(f.down[:r]), [_parameter(u[:, :r]) for u in f.ups],
+            plan.factors[key] = JointFactors(_parameter(f.down[:r].clone()), [_parameter(u[:, :r]) for u in f.ups],
                                              f.spectrum)
         return plan
 
