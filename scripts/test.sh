@@ -10,7 +10,7 @@ cd "$root"
 export TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0
 .venv/bin/ruff check dscompile tests bench examples
 cores="$(nproc 2>/dev/null || echo 1)"
-read -r quota period < /sys/fs/cgroup/cpu.max 2>/dev/null || quota=max
+read -r quota period 2>/dev/null < /sys/fs/cgroup/cpu.max || quota=max
 if [ "$quota" != max ] && [ $(( (quota + period - 1) / period )) -lt "$cores" ]; then
   cores=$(( (quota + period - 1) / period ))  # a container's CPU quota, not the host's cores
 fi
