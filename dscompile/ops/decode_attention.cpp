@@ -33,11 +33,11 @@ inline vec vexp(vec x) {
   n = n > y ? n - 1.f : n;  // floor
   const vec r = x - n * 0.693359375f + n * 2.12194440e-4f;
   vec p = vec{} + 1.9875691500E-4f;
-  p = p * r + 1.3981999507E-3f;
-  p = p * r + 8.3334519073E-3f;
-  p = p * r + 4.1665795894E-2f;
-  p = p * r + 1.6666665459E-1f;
-  p = p * r + 5.0000001201E-1f;
+  p = madd(p, r, vec{} + 1.3981999507E-3f);
+  p = madd(p, r, vec{} + 8.3334519073E-3f);
+  p = madd(p, r, vec{} + 4.1665795894E-2f);
+  p = madd(p, r, vec{} + 1.6666665459E-1f);
+  p = madd(p, r, vec{} + 5.0000001201E-1f);
   p = p * r * r + r + 1.f;
   const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
   vec scale;
@@ -92,7 +92,7 @@ inline void dots(const float* q, const float* k, long ks, long d, float* scores)
   long i = 0;
   for (; i + VW <= d; i += VW) {
     const vec qv = load(q + i);
-    for (int j = 0; j < SLOTS; j++) acc[j] += qv * load(k + j * ks + i);
+    for (int j = 0; j < SLOTS; j++) acc[j] = madd(qv, load(k + j * ks + i), acc[j]);
   }
 #if defined(__AVX512F__)
   lane_sums8(acc, scores);
@@ -107,7 +107,7 @@ inline void dots(const float* q, const float* k, long ks, long d, float* scores)
 inline float dot(const float* a, const float* b, long n) {
   vec acc = {};
   long i = 0;
-  for (; i + VW <= n; i += VW) acc += load(a + i) * load(b + i);
+  for (; i + VW <= n; i += VW) acc = madd(load(a + i), load(b + i), acc);
   float s = lane_sum(acc);
   for (; i < n; i++) s += a[i] * b[i];
   return s;
@@ -130,7 +130,7 @@ inline void weighted_sums(const float* p, long lds, long slots, const float* v, 
       const float* row = v + s * vs + i;
       const vec x[4] = {load(row), load(row + VW), load(row + 2 * VW), load(row + 3 * VW)};
       for (int r = 0; r < RB; r++)
-        for (int j = 0; j < 4; j++) acc[r][j] += p[r * lds + s] * x[j];
+        for (int j = 0; j < 4; j++) acc[r][j] = madd(p[r * lds + s], x[j], acc[r][j]);
     }
     for (int r = 0; r < RB; r++)
       for (int j = 0; j < 4; j++) store(out + r * d + i + j * VW, acc[r][j]);
@@ -141,7 +141,7 @@ inline void weighted_sums(const float* p, long lds, long slots, const float* v, 
     long j = i;
     for (; j + VW <= d; j += VW) {
       vec acc = load(o + j);
-      for (long s = 0; s < slots; s++) acc += pr[s] * load(v + s * vs + j);
+      for (long s = 0; s < slots; s++) acc = madd(pr[s], load(v + s * vs + j), acc);
       store(o + j, acc);
     }
     for (; j < d; j++) {

@@ -81,11 +81,15 @@ def library_path() -> Path:
     return cache_dir() / "kernels" / key.hexdigest()[:16] / LIBRARY
 
 
-def compile_command(output: Path, arch: str = "native") -> list[str]:
-    """The compiler's command line for ``output`` (``arch`` is ``-march``'s value)."""
+def compile_command(output: Path, arch: str = "native", tune: str | None = None) -> list[str]:
+    """The compiler's command line for ``output`` (``arch`` is ``-march``'s value, ``tune`` ``-mtune``'s).
+
+    ``-ffp-contract=off``: the kernels fuse multiply-adds only where they say so (``vector.h``'s ``madd``), so a
+    row's result does not depend on the CPU the compiler tuned for or on how many rows shared its block."""
     root = Path(torch.__file__).parent
     return [
-        compiler(), "-O3", f"-march={arch}", "-std=c++17", "-fopenmp", "-shared", "-fPIC", "-w",
+        compiler(), "-O3", f"-march={arch}", *([f"-mtune={tune}"] if tune else []), "-ffp-contract=off",
+        "-std=c++17", "-fopenmp", "-shared", "-fPIC", "-w",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
         *source_files(headers=False), f"-L{root / 'lib'}", f"-Wl,-rpath,{root / 'lib'}", "-ltorch_cpu", "-lc10",
@@ -93,13 +97,13 @@ def compile_command(output: Path, arch: str = "native") -> list[str]:
     ]
 
 
-def build(path: Path, arch: str = "native") -> Path:
+def build(path: Path, arch: str = "native", tune: str | None = None) -> Path:
     """Compile the kernels into ``path`` (written to a temporary name first, so a reader never sees half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         staged = Path(tmp) / LIBRARY
         log.info("building native CPU kernels into %s", path.parent)
-        done = subprocess.run(compile_command(staged, arch), capture_output=True, text=True, timeout=600)
+        done = subprocess.run(compile_command(staged, arch, tune), capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler()} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
         os.replace(staged, path)

@@ -32,7 +32,7 @@ static inline __attribute__((always_inline)) void block(const float* x, long ldx
     }
     for (int m = 0; m < M; m++) {
       vec xv = load(x + m * ldx + k);
-      for (int r = 0; r < R; r++) acc[r][m] += a[r] * xv;
+      for (int r = 0; r < R; r++) acc[r][m] = madd(a[r], xv, acc[r][m]);
     }
   }
   for (int m = 0; m < M; m++) {

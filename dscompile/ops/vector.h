@@ -1,6 +1,10 @@
 // Vector types shared by the kernels: 16-wide with AVX-512, else 8-wide (AVX2), as GCC vector extensions.
 #pragma once
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 #if defined(__AVX512F__)
 constexpr int VW = 16;
 #else
@@ -32,6 +36,20 @@ static inline float value(bf16 x) {
 }
 static inline void store(float* p, vec v) { *reinterpret_cast<vec*>(p) = v; }
 
+// a * b + c rounded once. The kernels build with -ffp-contract=off and fuse only here: left to the compiler, whether
+// `acc += a * b` became an FMA depended on the CPU it tuned for (GCC avoids FMA chains on AMD Zen) and on the
+// instance of a template, so a row's sum could differ between a block of one row and a block of eight.
+static inline vec madd(vec a, vec b, vec c) {
+#if defined(__AVX512F__)
+  return (vec)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+  return (vec)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+static inline vec madd(float a, vec b, vec c) { return madd(vec{} + a, b, c); }
+
 // The sum of a vector's lanes as a tree (halves added), so the sums of many vectors overlap in the pipeline.
 static inline float lane_sum(vec a) {
   half_vec h;
@@ -53,6 +71,6 @@ static inline float lane_sum(vec a) {
 // y += a * x over n floats.
 static inline void axpy(float* y, float a, const float* x, long n) {
   long i = 0;
-  for (; i + VW <= n; i += VW) store(y + i, load(y + i) + a * load(x + i));
+  for (; i + VW <= n; i += VW) store(y + i, madd(a, load(x + i), load(y + i)));
   for (; i < n; i++) y[i] += a * x[i];
 }
