@@ -4,14 +4,15 @@ speed and peak memory against the dense FFN in the same runtime.
 Usage: .venv/bin/python bench/moe.py [--configs 64:8:40,64:8:24,64:4:12] [--windows 6] [--heal-minutes 0]
                                       [--speed] [--skip-quality] [--out bench/results/moe.json]
 
-A config is ``n_experts:n_shared:top_k``. Calibration: the first part of Python's documentation topics
-(pydoc_data); evaluation on a later part of it and on Python source (``inspect`` and ``typing``), as in
-``bench/mla.py``. MaxVio is measured on the held-out documentation. ``--speed`` runs, each in its own process so
-that peak memory is its own, the dense model and every config through ``dscompile.optimize``: decode tokens/s at
-batch 1 and 8 (prompt 128, ``--new`` new tokens) and prefill tokens/s at 2048 tokens. A speed config
-``n:s:k@N`` offloads the routed experts (``OptimizedModel.offload_experts(N)``: N per FFN in memory, the rest in
-files, the dense FFN weights paged out) and adds the expert cache's hit rate and reads per token; every worker
-records its RSS before loading the model, so peak minus that is the model's own memory.
+A config is ``n_experts:n_shared:top_k``, optionally ``:activation`` (experts chosen by their own activations).
+Calibration: the first part of Python's documentation topics (pydoc_data); evaluation on a later part of it and on
+Python source (``inspect`` and ``typing``), as in ``bench/mla.py``. MaxVio is measured on the held-out
+documentation. ``--speed`` runs, each in its own process so that peak memory is its own, the dense model and every
+config through ``dscompile.optimize``: decode tokens/s at batch 1 and 8 (prompt 128, ``--new`` new tokens) and
+prefill tokens/s at 2048 tokens. A speed config ``n:s:k@N`` offloads the routed experts
+(``OptimizedModel.offload_experts(N)``: N per FFN in memory, the rest in files, the dense FFN weights paged out) and
+adds the expert cache's hit rate and reads per token; every worker records its RSS before loading the model, so peak
+minus that is the model's own memory.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import torch
 
 from dscompile import models
 from dscompile.passes.kv_cache import build_cached_program
-from dscompile.passes.moe_carve import expert_load
 from dscompile.passes.moe_offload import release_heap
 from dscompile.passes.moe_plan import MoEPlan, make_plan, record_ffns, without_counters
 from dscompile.profile import MoEConfig, Profile
@@ -42,8 +42,9 @@ from mla import WINDOW, _windows, heal_row, perplexity, quality_row, write_resul
 
 
 def _config(text: str) -> MoEConfig:
-    n, s, k = (int(v) for v in text.split(":"))
-    return MoEConfig(n, s, k)
+    """``n_experts:n_shared:top_k``, optionally ``:router`` (``linear`` or ``activation``)."""
+    n, s, k, *router = text.split(":")
+    return MoEConfig(int(n), int(s), int(k), *router)
 
 
 def _speed_spec(text: str) -> tuple[MoEConfig | None, int | None]:
@@ -58,8 +59,7 @@ def heldout_maxvio(plan: MoEPlan, inputs: dict[str, torch.Tensor]) -> float:
     """The worst layer's MaxVio when the plan's routers see ``inputs`` (FFN inputs by layer name)."""
     worst = 0.0
     for key, carved in plan.layers.items():
-        load = expert_load(inputs[plan.names[key]], carved.router.detach(), carved.router_bias.detach(), carved.top_k)
-        worst = max(worst, max(load) - 1.0)
+        worst = max(worst, max(carved.load_on(inputs[plan.names[key]])) - 1.0)
     return worst
 
 
@@ -83,7 +83,8 @@ def quality(configs: list[MoEConfig], args: argparse.Namespace) -> dict:
     for config in configs:
         start = time.perf_counter()
         plan = make_plan(config, base.matches.ffn, rows, tokens)
-        row = {"config": [config.n_experts, config.n_shared, config.top_k], "active": config.active_fraction,
+        row = {"config": [config.n_experts, config.n_shared, config.top_k, config.router],
+               "active": config.active_fraction,
                "carve_s": time.perf_counter() - start + record_s,
                "maxvio_calibration": max(plan.maxvio().values()), "maxvio_heldout": heldout_maxvio(plan, held_inputs)}
         program = build_cached_program(model, logits="all")

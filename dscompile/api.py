@@ -154,6 +154,10 @@ class OptimizedModel(torch.nn.Module):
         if self.profile.moe is None or plan is None or not plan.layers:
             raise ConfigError("nothing to offload: this model has no carved FFNs (optimize it with a MoE profile "
                               "such as 'moe' first)")
+        if self.profile.moe.router != "linear":
+            raise ConfigError(f"cannot offload experts routed by {self.profile.moe.router!r}: every routed neuron's "
+                              "gate and up rows are read for every token, so they must stay in memory; offload "
+                              "needs moe.router='linear'")
         program = self.runtime().program  # exported before the experts leave memory
         path, handle = expert_folder(folder)
         if handle is not None:

@@ -16,6 +16,13 @@ SPECULATION_MODES = ("adaptive", "always")
 """``mtp.speculation``: draft only while it pays (``runtime.gate``), or at every step."""
 
 
+MOE_ROUTERS = ("linear", "activation")
+"""``moe.router``: how a token's experts are chosen. ``linear``: a router fitted on calibration scores the experts
+from the FFN input, and only the chosen experts' gate, up and down rows are read. ``activation``: every routed
+neuron's activation is computed and the experts that contribute most (``|a| * |down row|``) run their down rows: the
+choice is exact, only the down projection's bytes fall (see ``passes.moe_ops``)."""
+
+
 def _check_fields(cls: type, data: dict[str, Any], where: str) -> None:
     valid = [f.name for f in fields(cls)]
     unknown = sorted(set(data) - set(valid))
@@ -58,8 +65,11 @@ class MoEConfig:
     n_experts: int = 64
     n_shared: int = 8
     top_k: int = 24
+    router: str = "linear"  # "linear": fitted to the FFN input; "activation": the experts' own activations choose
 
     def __post_init__(self) -> None:
+        if self.router not in MOE_ROUTERS:
+            raise ConfigError(f"moe.router must be one of {', '.join(map(repr, MOE_ROUTERS))}, got {self.router!r}")
         if self.n_experts < 2:
             raise ConfigError(f"moe.n_experts must be at least 2, got {self.n_experts}")
         if not 0 <= self.n_shared < self.n_experts:

@@ -230,7 +230,7 @@ def _save_moe(plan: MoEPlan | None, addresses: _Addresses, tensors: dict[str, to
         tensors[f"{prefix}.order"] = carved.order
         layers.append({"layer": plan.names[key], "down": addresses.name(key[0]), "down_shape": list(key[1]),
                        "tensors": sorted(params), "shared": carved.shared is not None, "top_k": carved.top_k,
-                       "activation": carved.activation, "load": carved.load})
+                       "activation": carved.activation, "load": carved.load, "routing": carved.routing})
     return {"calibration_tokens": plan.calibration_tokens, "skipped": plan.skipped, "layers": layers}
 
 
@@ -245,7 +245,7 @@ def _load_moe(saved: dict[str, Any], config: MoEConfig | None, addresses: _Addre
         key = (addresses.pointer(layer["down"]), tuple(layer["down_shape"]))
         plan.layers[key] = CarvedFFN.from_params(own, shared=layer["shared"], top_k=layer["top_k"],
                                                  activation=layer["activation"], order=tensors[f"{prefix}.order"],
-                                                 load=list(layer["load"]))
+                                                 load=list(layer["load"]), routing=layer.get("routing", "linear"))
         plan.names[key] = layer["layer"]
     return plan
 

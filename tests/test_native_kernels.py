@@ -90,6 +90,25 @@ def test_thin_linear_refuses_what_it_cannot_compute():
         torch.ops.dscompile.thin_linear(torch.randn(2, 8), torch.randn(3, 8), torch.randn(4))
 
 
+@pytest.mark.parametrize("hidden", [576, 37])
+def test_weighted_rows_sums_the_chosen_rows_and_a_token_does_not_depend_on_the_others(hidden):
+    """Each token's weighted sum of its rows (MoE routed by activation: the chosen down rows), in an order that
+    depends on nothing but the token: alone it computes bitwise what it computes among eight."""
+    g = torch.Generator().manual_seed(hidden)
+    rows = torch.randn(1536, hidden, generator=g)
+    a = torch.randn(8, 768, generator=g)
+    idx = torch.stack([torch.randperm(1536, generator=g)[:768] for _ in range(8)])
+    together = torch.ops.dscompile.weighted_rows(a, idx, rows)
+    torch.testing.assert_close(together, torch.einsum("tk,tkh->th", a.double(), rows.double()[idx]).float(),
+                               rtol=1e-5, atol=1e-4)
+    for t in range(8):
+        assert torch.equal(torch.ops.dscompile.weighted_rows(a[t:t + 1], idx[t:t + 1], rows), together[t:t + 1])
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.dscompile.weighted_rows(a[:1, :1], torch.tensor([[1536]]), rows)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.dscompile.weighted_rows(a.double(), idx, rows)
+
+
 def _attention_case(batch, heads, kv_heads, queries, slots, dim, v_dim, seed=0, masked=0.3):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, queries, heads, dim, generator=g).transpose(1, 2) * 2  # the layout decode steps pass

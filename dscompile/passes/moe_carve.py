@@ -10,6 +10,8 @@
    CPU), and a DeepSeek-V3 style bias per expert, which changes the choice only, is tuned until the busiest
    expert's load is within ``MAXVIO_TARGET`` of the mean on the calibration tokens. (Fitting on one half and
    balancing on the other did not lower MaxVio on held-out text: its drift is topical, not overfitting.)
+   With ``router="activation"`` nothing is fitted: the router holds each routed neuron's down-row norm, which
+   weighs its activation, and the bias stays zero, since balancing would override the exact choice.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ..errors import ConfigError
 from ..patterns import FFNMatch
 from ..patterns.walk import LinearInfo
 from ..profile import MoEConfig
-from .moe_ops import ACTIVATIONS, neuron_activations, route
+from .moe_ops import ACTIVATION, ACTIVATIONS, neuron_activations, route, route_by_activation
 
 if TYPE_CHECKING:
     from .moe_offload import ExpertStore
@@ -74,7 +76,8 @@ class DenseRows:
 class CarvedFFN:
     """One FFN as experts: ``shared`` and ``experts`` are ``(gate, up, down, gate_bias, up_bias)`` and ``down_t``
     the routed down weights in ``nn.Linear`` layout (see :func:`.moe_ops.moe_ffn`); ``order`` lists the original
-    neuron ids, shared first, then expert by expert."""
+    neuron ids, shared first, then expert by expert; ``routing`` is ``"linear"`` (``router`` scores the FFN input)
+    or ``"activation"`` (``router`` holds the routed neurons' down-row norms, ``[R, m]``)."""
 
     shared: tuple | None
     experts: tuple
@@ -88,6 +91,7 @@ class CarvedFFN:
     load: list[float] = field(default_factory=list)  # tokens per expert over the mean, on calibration tokens
     counts: torch.Tensor | None = None  # live: tokens that chose each expert since the runtime last reset it
     store: ExpertStore | None = None  # where the routed experts live once offloaded (``experts`` then all None)
+    routing: str = "linear"
 
     def __post_init__(self) -> None:
         if self.counts is None:
@@ -109,6 +113,20 @@ class CarvedFFN:
         out.update(down_t=self.down_t, router=self.router, router_bias=self.router_bias, down_bias=self.down_bias)
         return out
 
+    def choose(self, x: torch.Tensor) -> torch.Tensor:
+        """The experts (``[tokens, top_k]``) that FFN inputs ``x`` (``[tokens, hidden]``) choose."""
+        with torch.no_grad():
+            if self.routing != ACTIVATION:
+                return route(x, self.router, self.router_bias, self.top_k)[0]
+            gate, up, _, gate_bias, up_bias = (None if t is None else t.flatten(0, 1) for t in self.experts)
+            a = neuron_activations(x, gate, up, gate_bias, up_bias, self.activation)
+            return route_by_activation(a.view(x.shape[0], *self.router.shape), self.router, self.router_bias,
+                                       self.top_k)
+
+    def load_on(self, x: torch.Tensor) -> list[float]:
+        """Tokens per expert over the mean (1.0 = balanced) when FFN inputs ``x`` choose."""
+        return _load(self.choose(x), self.n_routed)
+
     def in_memory(self, action: str) -> None:
         """Refuse ``action`` (healing, saving) once the routed experts live in files."""
         if self.store is not None:
@@ -117,7 +135,7 @@ class CarvedFFN:
 
     @classmethod
     def from_params(cls, params: dict[str, torch.nn.Parameter], *, shared: bool, top_k: int, activation: str,
-                    order: torch.Tensor, load: list[float]) -> CarvedFFN:
+                    order: torch.Tensor, load: list[float], routing: str = "linear") -> CarvedFFN:
         """The inverse of :meth:`params` (missing parts are None); the routed down rows, a second layout of
         ``down_t``, are rebuilt from it when absent."""
         if "experts_down" not in params:
@@ -126,7 +144,8 @@ class CarvedFFN:
             params = {**params, "experts_down": torch.nn.Parameter(rows, requires_grad=False)}
         return cls(shared=group(params, "shared") if shared else None, experts=group(params, "experts"),
                    down_t=params["down_t"], router=params["router"], router_bias=params["router_bias"],
-                   down_bias=params.get("down_bias"), top_k=top_k, activation=activation, order=order, load=load)
+                   down_bias=params.get("down_bias"), top_k=top_k, activation=activation, order=order, load=load,
+                   routing=routing)
 
     def sync_rows(self) -> None:
         """Copy ``down_t`` into the routed down rows: healing trains the masked formulation (prefill), which reads
@@ -156,7 +175,11 @@ class CarvedFFN:
             per = self.store.params_per_expert
             return fixed + per * self.top_k, fixed + self.offloaded_params()
         routed = size(self.experts)
-        return fixed + routed * self.top_k // self.n_routed, fixed + routed + self.down_t.numel()
+        held = fixed + routed + self.down_t.numel()
+        if self.routing == ACTIVATION:  # every routed gate and up row is read, the chosen experts' down rows only
+            down = self.experts[2].numel()
+            return fixed + routed - down + down * self.top_k // self.n_routed, held
+        return fixed + routed * self.top_k // self.n_routed, held
 
 
 def _rows(lin: LinearInfo) -> torch.Tensor:
@@ -224,15 +247,19 @@ def carve(ffn_rows: DenseRows, x: torch.Tensor, a: torch.Tensor, config: MoEConf
     groups = balanced_clusters(contrib[:, routed_ids], config.n_experts - config.n_shared, width)
     experts = routed_ids[groups]  # [R, m] neuron ids
     order = torch.cat([shared, experts.reshape(-1)])
-    router, bias = fit_router(x, contrib[:, experts].sum(-1))
-    bias, load = balance(x, router, bias, config.top_k)
+    if config.router == ACTIVATION:
+        router, bias = ffn_rows.down[experts].norm(dim=-1), torch.zeros(experts.shape[0])
+        load = _load(route_by_activation(a[:, experts], router, bias, config.top_k), experts.shape[0])
+    else:
+        router, bias = fit_router(x, contrib[:, experts].sum(-1))
+        bias, load = balance(x, router, bias, config.top_k)
     routed = _block(ffn_rows, experts, dtype)
     return CarvedFFN(
         shared=_block(ffn_rows, shared, dtype, linear_down=True) if n_shared else None,
         experts=routed, down_t=_parameter(routed[2].reshape(-1, routed[2].shape[-1]).T, dtype),
         router=_parameter(router, dtype), router_bias=_parameter(bias, dtype),
         down_bias=None if ffn_rows.down_bias is None else _parameter(ffn_rows.down_bias, dtype),
-        top_k=config.top_k, activation=ffn_rows.activation, order=order, load=load,
+        top_k=config.top_k, activation=ffn_rows.activation, order=order, load=load, routing=config.router,
     )
 
 
@@ -256,7 +283,9 @@ def _most_active(contrib: torch.Tensor, fraction: float) -> torch.Tensor:
 def balanced_clusters(contrib: torch.Tensor, groups: int, size: int) -> torch.Tensor:
     """Positions ``[groups, size]`` of the columns of ``contrib`` (``[tokens, neurons]``, ``groups * size``
     neurons), grouped so that neurons active on the same tokens share a group: k-means on cosine similarity with
-    every group exactly ``size`` strong."""
+    every group exactly ``size`` strong. Experts of one neuron each have nothing to group."""
+    if size == 1:
+        return torch.arange(groups).view(groups, 1)
     feats = torch.nn.functional.normalize(contrib.T.double(), dim=1)
     gen = torch.Generator().manual_seed(0)
     centroids = feats[torch.randperm(feats.shape[0], generator=gen)[:groups]]
@@ -298,8 +327,12 @@ def fit_router(x: torch.Tensor, scores: torch.Tensor, ridge: float = 1e-3) -> tu
 
 def expert_load(x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor, top_k: int) -> list[float]:
     """Tokens routed to each expert over the mean count (1.0 = perfectly balanced)."""
-    idx, _ = route(x, router, bias, top_k)
-    counts = torch.zeros(router.shape[0]).index_add_(0, idx.reshape(-1), torch.ones(idx.numel()))
+    return _load(route(x, router, bias, top_k)[0], router.shape[0])
+
+
+def _load(idx: torch.Tensor, n_experts: int) -> list[float]:
+    """Tokens per expert over the mean count, from each token's chosen experts ``idx``."""
+    counts = torch.zeros(n_experts).index_add_(0, idx.reshape(-1), torch.ones(idx.numel()))
     return (counts / counts.mean()).tolist()
 
 

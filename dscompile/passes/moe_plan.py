@@ -174,7 +174,8 @@ def rewrite_ffn(gm: GraphModule, x: Node, down: Node, carved: CarvedFFN, prefix:
         node = graph.call_function(moe_ffn, (
             x, group(attrs, "shared") if carved.shared is not None else None, group(attrs, "experts"),
             attrs.get("down_t"), attrs["router"], attrs["router_bias"], attrs.get("down_bias"), carved.top_k,
-            carved.activation, gathered, counts, carved.store.id if carved.store is not None else None))
+            carved.activation, gathered, counts, carved.store.id if carved.store is not None else None,
+            carved.routing))
     node.meta["val"] = node_value(down)
     down.replace_all_uses_with(node)
 

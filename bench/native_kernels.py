@@ -1,6 +1,6 @@
 """The native decode kernels alone, at SmolLM2-135M's shapes: attention by number of queries, thin products by rows.
 
-Usage: .venv/bin/python bench/kernels.py [--slots 328] [--filled 260] [--rows 1,5,8,16] [--out ...]
+Usage: .venv/bin/python bench/native_kernels.py [--slots 328] [--filled 260] [--rows 1,5,8,16] [--out ...]
 
 - ``decode_attention``: 9 query heads on 3 KV heads of 64 dims, a static cache of ``--slots`` slots of which
   ``--filled`` are valid (a 128-token prompt plus 128 new tokens and the drafting slack), for 1 to 8 queries (a
