@@ -91,7 +91,8 @@ def quality(configs: list[MoEConfig], args: argparse.Namespace) -> dict:
         plan.apply(program)
         _quality_row(row, program, baseline, held_docs, held_code, "")
         if args.heal_minutes:
-            heal_row(row, program, model, calibration, args)
+            pairs = [torch.cat(calibration[i:i + 2]) for i in range(0, len(calibration), 2)]
+            heal_row(row, program, model, calibration, pairs, args)
             _quality_row(row, program, baseline, held_docs, held_code, "healed_")
             row["maxvio_heldout_healed"] = heldout_maxvio(plan, held_inputs)
         out.append(row)
@@ -178,6 +179,7 @@ def main() -> None:
     parser.add_argument("--calibration-windows", type=int, default=16)
     parser.add_argument("--heal-minutes", type=float, default=0.0)
     parser.add_argument("--heal-lr", type=float, default=1e-4)
+    parser.set_defaults(heal_generated=0, refine_minutes=0)  # bench/mla.py's healing options, unused here
     parser.add_argument("--speed", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--new", type=int, default=64)

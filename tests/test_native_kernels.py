@@ -90,23 +90,28 @@ def test_thin_linear_refuses_what_it_cannot_compute():
         torch.ops.dscompile.thin_linear(torch.randn(2, 8), torch.randn(3, 8), torch.randn(4))
 
 
-@pytest.mark.parametrize("hidden", [576, 37])
-def test_weighted_rows_sums_the_chosen_rows_and_a_token_does_not_depend_on_the_others(hidden):
-    """Each token's weighted sum of its rows (MoE routed by activation: the chosen down rows), in an order that
-    depends on nothing but the token: alone it computes bitwise what it computes among eight."""
+@pytest.mark.parametrize(("hidden", "width"), [(576, 1), (37, 3)])
+def test_top_weighted_rows_chooses_the_top_experts_and_a_token_does_not_depend_on_the_others(hidden, width):
+    """Each token's top k experts by score, in ascending order, and the sum of their neurons' rows weighted by the
+    activations (MoE routed by activation), in an order that depends on nothing but the token: alone it computes
+    bitwise what it computes among eight."""
     g = torch.Generator().manual_seed(hidden)
-    rows = torch.randn(1536, hidden, generator=g)
-    a = torch.randn(8, 768, generator=g)
-    idx = torch.stack([torch.randperm(1536, generator=g)[:768] for _ in range(8)])
-    together = torch.ops.dscompile.weighted_rows(a, idx, rows)
-    torch.testing.assert_close(together, torch.einsum("tk,tkh->th", a.double(), rows.double()[idx]).float(),
-                               rtol=1e-5, atol=1e-4)
+    experts, k = 1536 // width, 768 // width
+    rows, a = torch.randn(experts * width, hidden, generator=g), torch.randn(8, experts * width, generator=g)
+    scores = torch.randn(8, experts, generator=g)
+    out, idx = torch.ops.dscompile.top_weighted_rows(scores, a, rows, k)
+    assert torch.equal(idx, scores.topk(k, -1).indices.sort(-1).values)
+    keep = torch.zeros(8, experts).scatter(1, idx, 1.0).repeat_interleave(width, 1)
+    torch.testing.assert_close(out, ((a * keep).double() @ rows.double()).float(), rtol=1e-5, atol=1e-4)
     for t in range(8):
-        assert torch.equal(torch.ops.dscompile.weighted_rows(a[t:t + 1], idx[t:t + 1], rows), together[t:t + 1])
-    with pytest.raises(RuntimeError, match="out of range"):
-        torch.ops.dscompile.weighted_rows(a[:1, :1], torch.tensor([[1536]]), rows)
+        alone, alone_idx = torch.ops.dscompile.top_weighted_rows(scores[t:t + 1], a[t:t + 1], rows, k)
+        assert torch.equal(alone, out[t:t + 1]) and torch.equal(alone_idx, idx[t:t + 1])
+    tied = torch.zeros(1, experts)  # ties: exactly k of them, the lowest expert ids
+    assert torch.equal(torch.ops.dscompile.top_weighted_rows(tied, a[:1], rows, 3)[1], torch.tensor([[0, 1, 2]]))
+    with pytest.raises(RuntimeError, match="k must be in"):
+        torch.ops.dscompile.top_weighted_rows(scores, a, rows, experts + 1)
     with pytest.raises(RuntimeError, match="float32"):
-        torch.ops.dscompile.weighted_rows(a.double(), idx, rows)
+        torch.ops.dscompile.top_weighted_rows(scores.double(), a, rows, k)
 
 
 def _attention_case(batch, heads, kv_heads, queries, slots, dim, v_dim, seed=0, masked=0.3):

@@ -92,7 +92,8 @@ def _kernel_fits(bias: Node | None, a: Node, b: Node) -> bool:
                                       and bias_val.dtype == torch.float32)))
 
 
-_INPUT_VIEWS = (aten.permute.default, aten.t.default, aten.transpose.int)
+_INPUT_VIEWS = (aten.permute.default, aten.t.default, aten.transpose.int, aten.view.default, aten.reshape.default,
+                aten._unsafe_view.default)
 
 
 def _input_key(a: Node) -> tuple[Any, ...]:
@@ -103,11 +104,22 @@ def _input_key(a: Node) -> tuple[Any, ...]:
 
 
 def _hoistable(node: Node, before: Node, order: dict[Node, int]) -> bool:
-    """Whether ``node`` is defined before ``before``, or is a view of graph inputs that can move there."""
-    if order[node] < order[before]:
+    """Whether ``node`` is defined before ``before``, or is a view (of views) of graph inputs that can move there:
+    a carved MoE's flattened expert blocks are ``permute(view(weight))``."""
+    if order[node] < order[before] or node.op in ("placeholder", "get_attr"):
         return True
     return node.op == "call_function" and node.target in _INPUT_VIEWS and all(
-        isinstance(arg, Node) and arg.op in ("placeholder", "get_attr") for arg in node.all_input_nodes)
+        _hoistable(arg, before, order) for arg in node.all_input_nodes)
+
+
+def _hoist(node: Node, before: Node, order: dict[Node, int]) -> None:
+    """Move ``node`` and the views and attributes it reads (see :func:`_hoistable`) up to just before ``before``."""
+    if order[node] < order[before] or node.op == "placeholder":
+        return
+    for arg in node.all_input_nodes:
+        _hoist(arg, before, order)
+    before.prepend(node)
+    order[node] = order[before] - 0.5
 
 
 class ThinMatmulPass(CustomGraphPass):
@@ -150,8 +162,8 @@ class ThinMatmulPass(CustomGraphPass):
         first, _, a, _ = members[0]
         for _, bias, _, b in members:
             for operand in (b, bias):
-                if isinstance(operand, Node) and order[operand] > order[first]:
-                    first.prepend(operand)
+                if isinstance(operand, Node):
+                    _hoist(operand, first, order)
         with graph.inserting_before(first):
             weights = [emit(graph, aten.permute.default, b, [1, 0]) for _, _, _, b in members]
             if len(members) == 1:

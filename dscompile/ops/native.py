@@ -4,8 +4,8 @@ A CPU decode step is bound by reading weights and cache, and runs fastest with k
 products that stream each weight row once for all rows of the step (``thin_linear.cpp``, used by
 ``lower.thin_matmul``), attention that reads each cached key and value once for all query heads
 (``decode_attention.cpp``, ``lower.decode_attention``), and MoE experts read once for all tokens that chose them
-(``moe_experts.cpp``, ``passes.moe_ops``), and the chosen down rows of experts routed by activation, weighted
-(``weighted_rows.cpp``). They are built for the very CPU they run on (``-march=native``), so they
+(``moe_experts.cpp``, ``passes.moe_ops``), and the choice and chosen down rows of experts routed by activation
+(``top_weighted_rows.cpp``). They are built for the very CPU they run on (``-march=native``), so they
 ship as source: the first call compiles them (a few seconds), later processes load the cached library. The cache key
 covers the source, torch's version and ABI, the compiler and the CPU's instruction sets, so a changed machine or
 torch builds anew. Without a compiler, or when the build fails, :func:`load` says why once and returns False; the
@@ -26,7 +26,7 @@ import torch
 
 log = logging.getLogger("dscompile")
 
-SOURCES = ("thin_linear.cpp", "decode_attention.cpp", "moe_experts.cpp", "weighted_rows.cpp")
+SOURCES = ("thin_linear.cpp", "decode_attention.cpp", "moe_experts.cpp", "top_weighted_rows.cpp")
 HEADERS = ("vector.h", "thin_rows.h")
 LIBRARY = "libdscompile_kernels.so"
 _state: dict[str, object] = {}
@@ -138,9 +138,10 @@ def _register_fakes() -> None:
                      activation: str) -> torch.Tensor:
         return x.new_empty(x.shape)
 
-    @torch.library.register_fake("dscompile::weighted_rows")
-    def _weighted_rows(a: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return a.new_empty(a.shape[0], rows.shape[1])
+    @torch.library.register_fake("dscompile::top_weighted_rows")
+    def _top_weighted_rows(scores: torch.Tensor, a: torch.Tensor, rows: torch.Tensor, k: int
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        return a.new_empty(a.shape[0], rows.shape[1]), scores.new_empty(scores.shape[0], k, dtype=torch.long)
 
     @torch.library.register_fake("dscompile::decode_attention")
     def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

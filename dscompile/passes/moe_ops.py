@@ -26,9 +26,9 @@ and up rows are all read), each expert is scored by its neurons' contribution ``
 the ``top_k`` best run their down rows (gathered at decode, masked at prefill). A learned router guesses which
 experts matter before computing them and on a dense FFN guesses poorly (SmolLM2 at 50% active: +183% perplexity);
 this choice is the contribution itself, so with one neuron per expert it is the per-token oracle (+4%), at the price
-of reading two thirds of the FFN whatever ``top_k``. Its ``native`` form (CPU decode steps) sums the chosen down rows
-with ``dscompile::weighted_rows``: Inductor's indexed reduction walked them column by column at half the dense
-decode speed.
+of reading two thirds of the FFN whatever ``top_k``. Its ``native`` form (CPU decode steps) chooses and sums the chosen
+down rows in ``dscompile::top_weighted_rows``: Inductor's topk and indexed reduction ran at half the dense decode
+speed.
 """
 
 from __future__ import annotations
@@ -67,11 +67,16 @@ def neuron_activations(x: torch.Tensor, gate: torch.Tensor | None, up: torch.Ten
     return act(u) if gate is None else act(F.linear(x, gate, gate_bias)) * u
 
 
+def activation_scores(a: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Each expert's score ``[tokens, R]``: its neurons' contribution ``sum |a| * |down row|`` (``a``
+    ``[tokens, R, m]`` the routed neurons' activations, ``weights`` ``[R, m]`` their down rows' norms), plus ``bias``
+    (``[R]``), which shifts the choice."""
+    return (a.abs() * weights).sum(-1) + bias
+
+
 def route_by_activation(a: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Indices ``[tokens, top_k]`` of the experts whose neurons contribute most: ``a`` (``[tokens, R, m]``) are the
-    routed neurons' activations, ``weights`` (``[R, m]``) their down rows' norms, ``bias`` (``[R]``) shifts the
-    choice."""
-    return ((a.abs() * weights).sum(-1) + bias).topk(top_k, dim=-1, sorted=False).indices  # sorting: 3x the time
+    """Indices ``[tokens, top_k]`` of the experts with the best :func:`activation_scores`."""
+    return activation_scores(a, weights, bias).topk(top_k, dim=-1, sorted=False).indices  # sorting: 3x the time
 
 
 def moe_ffn(x: torch.Tensor, shared: tuple | None, experts: tuple, down_t: torch.Tensor, router: torch.Tensor,
@@ -157,12 +162,12 @@ def _routed_by_activation(rows: torch.Tensor, experts: tuple, down_t: torch.Tens
     n_routed, width, _ = up.shape
     a = neuron_activations(rows, _flat(gate), _flat(up), _flat(gate_bias), _flat(up_bias), activation)
     a = a.view(-1, n_routed, width)
-    idx = route_by_activation(a.detach(), weights, bias, top_k)
     if (gathered == NATIVE and rows.shape[0] * top_k <= n_routed and rows.dtype == torch.float32
             and rows.device.type == "cpu" and not torch.is_grad_enabled()):
-        neurons = (idx.unsqueeze(-1) * width + torch.arange(width, device=idx.device)).flatten(1)
-        picked = a.reshape(rows.shape[0], -1).gather(1, neurons)
-        return idx, torch.ops.dscompile.weighted_rows(picked, neurons, down.reshape(n_routed * width, -1))
+        out, idx = torch.ops.dscompile.top_weighted_rows(activation_scores(a, weights, bias),
+                                                         a.reshape(rows.shape[0], -1), down.flatten(0, 1), top_k)
+        return idx, out
+    idx = route_by_activation(a.detach(), weights, bias, top_k)
     if gathered and rows.shape[0] * top_k <= n_routed:
         picked = a.gather(1, idx.unsqueeze(-1).expand(-1, -1, width))
         return idx, (picked.unsqueeze(-1) * down[idx]).sum((1, 2))
