@@ -123,7 +123,7 @@ def speed_worker(config: MoEConfig | None, new: int, cache: int | None = None) -
     stores = optimized.offload_experts(cache) if cache is not None else []
     del model, calibration
     release_heap()  # hand calibration's freed heap back, so peak memory is generation's
-    row: dict = {"config": None if config is None else [config.n_experts, config.n_shared, config.top_k],
+    row: dict = {"config": None if config is None else [config.n_experts, config.n_shared, config.top_k, config.router],
                  "expert_cache": cache, "rss_process_base_bytes": base,
                  "rss_before_generate_bytes": _proc_status_bytes("VmRSS")}
     for batch in (1, 8):

@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from ..patterns import FFNMatch
 from ..patterns.walk import LinearInfo
 from ..profile import MoEConfig
-from .moe_ops import ACTIVATION, ACTIVATIONS, neuron_activations, route, route_by_activation
+from .moe_ops import ACTIVATION, ACTIVATIONS, neuron_activations, route, route_by_activation, routed_activations
 
 if TYPE_CHECKING:
     from .moe_offload import ExpertStore
@@ -118,10 +118,8 @@ class CarvedFFN:
         with torch.no_grad():
             if self.routing != ACTIVATION:
                 return route(x, self.router, self.router_bias, self.top_k)[0]
-            gate, up, _, gate_bias, up_bias = (None if t is None else t.flatten(0, 1) for t in self.experts)
-            a = neuron_activations(x, gate, up, gate_bias, up_bias, self.activation)
-            return route_by_activation(a.view(x.shape[0], *self.router.shape), self.router, self.router_bias,
-                                       self.top_k)
+            a = routed_activations(x, self.experts, self.activation).view(x.shape[0], *self.router.shape)
+            return route_by_activation(a, self.router, self.router_bias, self.top_k)
 
     def load_on(self, x: torch.Tensor) -> list[float]:
         """Tokens per expert over the mean (1.0 = balanced) when FFN inputs ``x`` choose."""

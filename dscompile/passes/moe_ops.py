@@ -141,16 +141,17 @@ def _routed(rows: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, experts
             a = act(g if gate_bias is None else g + gate_bias[idx]) * u
         out = (a.unsqueeze(-1) * down[idx]).sum((1, 2))
     else:
-        a = neuron_activations(rows, _flat(gate), _flat(up), _flat(gate_bias), _flat(up_bias), activation)
+        a = routed_activations(rows, experts, activation)
         chosen = torch.zeros(rows.shape[0], n_routed, dtype=a.dtype, device=a.device).scatter(1, idx, weight)
         a = (a.view(-1, n_routed, width) * chosen.unsqueeze(-1)).view(-1, n_routed * width)
         out = F.linear(a, down_t)
     return out
 
 
-def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
-    """Expert blocks ``[R, m, ...]`` as one block of ``R * m`` neurons."""
-    return None if t is None else t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+def routed_activations(rows: torch.Tensor, experts: tuple, activation: str) -> torch.Tensor:
+    """Every routed neuron's activation ``[tokens, R * m]`` (``experts`` as in :func:`moe_ffn`)."""
+    gate, up, _, gate_bias, up_bias = (None if t is None else t.flatten(0, 1) for t in experts)
+    return neuron_activations(rows, gate, up, gate_bias, up_bias, activation)
 
 
 def _routed_by_activation(rows: torch.Tensor, experts: tuple, down_t: torch.Tensor, weights: torch.Tensor,
@@ -158,10 +159,9 @@ def _routed_by_activation(rows: torch.Tensor, experts: tuple, down_t: torch.Tens
                           gathered: bool | str) -> tuple[torch.Tensor, torch.Tensor]:
     """The chosen experts and the routed part of :func:`moe_ffn` when the experts' activations choose them: every
     routed neuron is computed, the chosen experts' down rows are gathered (few tokens) or the others masked."""
-    gate, up, down, gate_bias, up_bias = experts
+    _, up, down, _, _ = experts
     n_routed, width, _ = up.shape
-    a = neuron_activations(rows, _flat(gate), _flat(up), _flat(gate_bias), _flat(up_bias), activation)
-    a = a.view(-1, n_routed, width)
+    a = routed_activations(rows, experts, activation).view(-1, n_routed, width)
     if (gathered == NATIVE and rows.shape[0] * top_k <= n_routed and rows.dtype == torch.float32
             and rows.device.type == "cpu" and not torch.is_grad_enabled()):
         out, idx = torch.ops.dscompile.top_weighted_rows(activation_scores(a, weights, bias),
