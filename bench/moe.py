@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from dscompile import models
+from dscompile.heal import HEAL_LR_MOE
 from dscompile.passes.kv_cache import build_cached_program
 from dscompile.passes.moe_offload import release_heap
 from dscompile.passes.moe_plan import MoEPlan, make_plan, record_ffns, without_counters
@@ -178,7 +179,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=6)
     parser.add_argument("--calibration-windows", type=int, default=16)
     parser.add_argument("--heal-minutes", type=float, default=0.0)
-    parser.add_argument("--heal-lr", type=float, default=1e-4)
+    parser.add_argument("--heal-lr", type=float, default=HEAL_LR_MOE)
     parser.set_defaults(heal_generated=0, refine_minutes=0)  # bench/mla.py's healing options, unused here
     parser.add_argument("--speed", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")

@@ -13,6 +13,7 @@ from zoo import built
 import dscompile
 from dscompile import ConfigError
 from dscompile.evaluate import logits_of
+from dscompile.heal import HEAL_LR_MOE
 from dscompile.ops import native
 from dscompile.passes.moe_ops import ACTIVATION, NATIVE, moe_ffn, neuron_activations
 from dscompile.profile import MoEConfig
@@ -121,6 +122,7 @@ def test_heal_save_and_load_keep_the_routing(tmp_path):
     optimized = dscompile.optimize(model, profile, calibration=data, lower="eager")
     report = dscompile.heal(optimized, data, max_steps=8, lr=1e-3, progress=False)
     assert report.losses[-1] < report.losses[0]
+    assert dscompile.heal(optimized, data, max_steps=1, progress=False).lr == HEAL_LR_MOE  # the experts' own rate
     for carved in optimized.session.moe_plan.layers.values():  # decode's gathered rows follow the trained weights
         torch.testing.assert_close(carved.experts[2].reshape(-1, 64), carved.down_t.T, atol=0, rtol=0)
     x = ids(1, 10)
