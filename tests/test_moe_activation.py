@@ -140,3 +140,28 @@ def test_heal_save_and_load_keep_the_routing(tmp_path):
 def test_an_unknown_router_is_refused_with_the_choices():
     with pytest.raises(ConfigError, match="moe.router must be one of 'linear', 'activation', got 'softmax'"):
         dscompile.optimize(tiny_llama(), {"moe": {"router": "softmax"}})
+
+
+def test_exports_to_onnx_runtime_and_generates_there_what_pytorch_does(tmp_path):
+    """The activation choice (every routed neuron, a top-k over the experts' scores) in onnxruntime's prefill and
+    decode graphs: the same greedy tokens at batch 1 and with left padding at batch 2."""
+    from test_onnx_runtime import assert_same_generation
+
+    profile = {"moe": {"n_experts": 128, "n_shared": 0, "top_k": 64, "router": "activation"}}
+    opt = dscompile.optimize(tiny_llama(), profile, CALIBRATION, example_inputs=ids(), lower="eager")
+    checks = dscompile.export_onnx_runtime(opt, tmp_path / "moe")
+    assert {c.graph for c in checks} == {"prefill", "decode"}
+    assert_same_generation(opt, tmp_path / "moe")
+
+
+def test_half_precision_experts_keep_the_dtype_and_the_choice():
+    model = tiny_llama().to(torch.bfloat16)
+    profile = {"moe": {"n_experts": 128, "n_shared": 0, "top_k": 96, "router": "activation"}}
+    opt = dscompile.optimize(model, profile, calibration=CALIBRATION, lower="eager")
+    created = {p.dtype for name, p in opt.runtime().program.gm.named_parameters() if name.startswith("moe_")}
+    assert created == {torch.bfloat16}
+    x = ids(2, 12)
+    with torch.no_grad():
+        got, want = logits_of(opt(x)).float(), logits_of(model(x)).float()
+    assert (got - want).abs().max() <= 0.1 * want.abs().max()  # three quarters of each token's neurons kept
+    assert torch.equal(opt.generate(x, max_new_tokens=4, eos_token_id=[]), greedy_by_forward(opt, x, 4))
