@@ -49,10 +49,14 @@ def test_each_token_keeps_the_experts_that_contribute_most(width, gated):
             masked = moe_ffn(rows[:tokens], *args, False, routing=ACTIVATION)
             gathered = moe_ffn(rows[:tokens], *args, True, routing=ACTIVATION)
             torch.testing.assert_close(gathered, masked, atol=1e-4, rtol=1e-5)
-            if native.load():  # the chosen down rows through dscompile::weighted_rows where the gathered form serves
-                with torch.no_grad():
-                    fast = moe_ffn(rows[:tokens], *args, NATIVE, routing=ACTIVATION)
-                torch.testing.assert_close(fast, masked, atol=1e-4, rtol=1e-5)
+            if native.load():  # the native choice: with the chosen rows where gathered serves, else as a mask
+                for form in (NATIVE, False):
+                    counted = [torch.zeros(bias.shape[0], dtype=torch.long) for _ in range(2)]
+                    with torch.no_grad():
+                        fast = moe_ffn(rows[:tokens], *args, form, counted[0], routing=ACTIVATION)
+                    moe_ffn(rows[:tokens], *args, False, counted[1], routing=ACTIVATION)
+                    torch.testing.assert_close(fast, masked, atol=1e-4, rtol=1e-5)
+                    assert torch.equal(counted[0], counted[1])
             torch.testing.assert_close(masked, _by_hand(rows[:tokens], experts, norms, top_k, "silu"), atol=1e-4,
                                        rtol=1e-5)
     # the bias shifts the choice: a large one on expert 0 makes every token keep it

@@ -108,6 +108,11 @@ def test_top_weighted_rows_chooses_the_top_experts_and_a_token_does_not_depend_o
         assert torch.equal(alone, out[t:t + 1]) and torch.equal(alone_idx, idx[t:t + 1])
     tied = torch.zeros(1, experts)  # ties: exactly k of them, the lowest expert ids
     assert torch.equal(torch.ops.dscompile.top_weighted_rows(tied, a[:1], rows, 3)[1], torch.tensor([[0, 1, 2]]))
+    mask = torch.ops.dscompile.top_mask(scores, k)  # the same choice as a mask, for the masked formulation
+    assert torch.equal(mask, torch.zeros(8, experts).scatter(1, idx, 1.0))
+    assert torch.equal(torch.ops.dscompile.top_mask(tied, 3).nonzero()[:, 1], torch.tensor([0, 1, 2]))
+    with pytest.raises(RuntimeError, match="k must be in"):
+        torch.ops.dscompile.top_mask(scores, 0)
     with pytest.raises(RuntimeError, match="k must be in"):
         torch.ops.dscompile.top_weighted_rows(scores, a, rows, experts + 1)
     with pytest.raises(RuntimeError, match="float32"):

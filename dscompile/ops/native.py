@@ -5,7 +5,7 @@ products that stream each weight row once for all rows of the step (``thin_linea
 ``lower.thin_matmul``), attention that reads each cached key and value once for all query heads
 (``decode_attention.cpp``, ``lower.decode_attention``), and MoE experts read once for all tokens that chose them
 (``moe_experts.cpp``, ``passes.moe_ops``), and the choice and chosen down rows of experts routed by activation
-(``top_weighted_rows.cpp``). They are built for the very CPU they run on (``-march=native``), so they
+(``activation_choice.cpp``). They are built for the very CPU they run on (``-march=native``), so they
 ship as source: the first call compiles them (a few seconds), later processes load the cached library. The cache key
 covers the source, torch's version and ABI, the compiler and the CPU's instruction sets, so a changed machine or
 torch builds anew. Without a compiler, or when the build fails, :func:`load` says why once and returns False; the
@@ -26,7 +26,7 @@ import torch
 
 log = logging.getLogger("dscompile")
 
-SOURCES = ("thin_linear.cpp", "decode_attention.cpp", "moe_experts.cpp", "top_weighted_rows.cpp")
+SOURCES = ("thin_linear.cpp", "decode_attention.cpp", "moe_experts.cpp", "activation_choice.cpp")
 HEADERS = ("vector.h", "thin_rows.h")
 LIBRARY = "libdscompile_kernels.so"
 _state: dict[str, object] = {}
@@ -142,6 +142,10 @@ def _register_fakes() -> None:
     def _top_weighted_rows(scores: torch.Tensor, a: torch.Tensor, rows: torch.Tensor, k: int
                            ) -> tuple[torch.Tensor, torch.Tensor]:
         return a.new_empty(a.shape[0], rows.shape[1]), scores.new_empty(scores.shape[0], k, dtype=torch.long)
+
+    @torch.library.register_fake("dscompile::top_mask")
+    def _top_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+        return torch.empty_like(scores)
 
     @torch.library.register_fake("dscompile::decode_attention")
     def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -36,6 +36,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..ops import native
+
 ACTIVATION = "activation"
 """The ``routing`` value of experts chosen by their own activations (see the module's docstring)."""
 
@@ -101,16 +103,14 @@ def moe_ffn(x: torch.Tensor, shared: tuple | None, experts: tuple, down_t: torch
     hidden = shape[-1]
     rows = x.reshape(-1, hidden)
     if routing == ACTIVATION:
-        idx, out = _routed_by_activation(rows, experts, down_t, router, router_bias, top_k, activation, gathered)
+        out = _routed_by_activation(rows, experts, down_t, router, router_bias, top_k, activation, gathered, counts)
     else:
         idx, weight = route(rows, router, router_bias, top_k)
+        _count(counts, idx)
         if offload is not None:
             out = torch.ops.dscompile.moe_offloaded(rows, idx, offload)
         else:
             out = _routed(rows, idx, weight, experts, down_t, top_k, activation, gathered)
-    if counts is not None:
-        chosen_ids = idx.reshape(-1)
-        counts.index_add_(0, chosen_ids, torch.ones_like(chosen_ids))
     if shared is not None:
         s_gate, s_up, s_down, s_gate_bias, s_up_bias = shared
         out = out + F.linear(neuron_activations(rows, s_gate, s_up, s_gate_bias, s_up_bias, activation), s_down)
@@ -154,22 +154,41 @@ def routed_activations(rows: torch.Tensor, experts: tuple, activation: str) -> t
     return neuron_activations(rows, gate, up, gate_bias, up_bias, activation)
 
 
+def _count(counts: torch.Tensor | None, idx: torch.Tensor) -> None:
+    """Add each token's chosen experts ``idx`` to the live load ``counts`` (when it is kept)."""
+    if counts is not None:
+        chosen_ids = idx.reshape(-1)
+        counts.index_add_(0, chosen_ids, torch.ones_like(chosen_ids))
+
+
 def _routed_by_activation(rows: torch.Tensor, experts: tuple, down_t: torch.Tensor, weights: torch.Tensor,
-                          bias: torch.Tensor, top_k: int, activation: str,
-                          gathered: bool | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The chosen experts and the routed part of :func:`moe_ffn` when the experts' activations choose them: every
-    routed neuron is computed, the chosen experts' down rows are gathered (few tokens) or the others masked."""
+                          bias: torch.Tensor, top_k: int, activation: str, gathered: bool | str,
+                          counts: torch.Tensor | None) -> torch.Tensor:
+    """The routed part of :func:`moe_ffn` when the experts' activations choose them: every routed neuron is
+    computed, the chosen experts' down rows are gathered (few tokens) or the others masked. Without autograd, on a
+    CPU in float32, the choice is the native kernels' (``activation_choice.cpp``)."""
     _, up, down, _, _ = experts
     n_routed, width, _ = up.shape
     a = routed_activations(rows, experts, activation).view(-1, n_routed, width)
-    if (gathered == NATIVE and rows.shape[0] * top_k <= n_routed and rows.dtype == torch.float32
-            and rows.device.type == "cpu" and not torch.is_grad_enabled()):
+    few = rows.shape[0] * top_k <= n_routed
+    native_choice = (rows.dtype == torch.float32 and rows.device.type == "cpu" and not torch.is_grad_enabled()
+                     and not torch.compiler.is_exporting() and native.load())  # ONNX has no such ops
+    if gathered == NATIVE and few and native_choice:
         out, idx = torch.ops.dscompile.top_weighted_rows(activation_scores(a, weights, bias),
                                                          a.reshape(rows.shape[0], -1), down.flatten(0, 1), top_k)
-        return idx, out
-    idx = route_by_activation(a.detach(), weights, bias, top_k)
-    if gathered and rows.shape[0] * top_k <= n_routed:
+        _count(counts, idx)
+        return out
+    if gathered and few:
+        idx = route_by_activation(a.detach(), weights, bias, top_k)
+        _count(counts, idx)
         picked = a.gather(1, idx.unsqueeze(-1).expand(-1, -1, width))
-        return idx, (picked.unsqueeze(-1) * down[idx]).sum((1, 2))
-    chosen = torch.zeros(rows.shape[0], n_routed, dtype=a.dtype, device=a.device).scatter(1, idx, 1.0)
-    return idx, F.linear((a * chosen.unsqueeze(-1)).view(-1, n_routed * width), down_t)
+        return (picked.unsqueeze(-1) * down[idx]).sum((1, 2))
+    if native_choice:
+        chosen = torch.ops.dscompile.top_mask(activation_scores(a, weights, bias), top_k)
+        if counts is not None:
+            counts.add_(chosen.sum(0).to(counts.dtype))
+    else:
+        idx = route_by_activation(a.detach(), weights, bias, top_k)
+        _count(counts, idx)
+        chosen = torch.zeros(rows.shape[0], n_routed, dtype=a.dtype, device=a.device).scatter(1, idx, 1.0)
+    return F.linear((a * chosen.unsqueeze(-1)).view(-1, n_routed * width), down_t)
