@@ -26,9 +26,10 @@ and up rows are all read), each expert is scored by its neurons' contribution ``
 the ``top_k`` best run their down rows (gathered at decode, masked at prefill). A learned router guesses which
 experts matter before computing them and on a dense FFN guesses poorly (SmolLM2 at 50% active: +183% perplexity);
 this choice is the contribution itself, so with one neuron per expert it is the per-token oracle (+4%), at the price
-of reading two thirds of the FFN whatever ``top_k``. Its ``native`` form (CPU decode steps) chooses and sums the chosen
-down rows in ``dscompile::top_weighted_rows``: Inductor's topk and indexed reduction ran at half the dense decode
-speed.
+of reading two thirds of the FFN whatever ``top_k``. On a CPU without autograd the choice is the native kernels'
+(``ops/activation_choice.cpp``): at decode ``dscompile::top_weighted_rows`` chooses and sums the chosen down rows in
+one call (Inductor's topk and indexed reduction ran at half the dense decode speed), the masked form takes its mask
+from ``dscompile::top_mask``.
 """
 
 from __future__ import annotations
@@ -173,22 +174,20 @@ def _routed_by_activation(rows: torch.Tensor, experts: tuple, down_t: torch.Tens
     few = rows.shape[0] * top_k <= n_routed
     native_choice = (rows.dtype == torch.float32 and rows.device.type == "cpu" and not torch.is_grad_enabled()
                      and not torch.compiler.is_exporting() and native.load())  # ONNX has no such ops
-    if gathered == NATIVE and few and native_choice:
+    if native_choice and gathered == NATIVE and few:  # the choice and the chosen rows in one call
         out, idx = torch.ops.dscompile.top_weighted_rows(activation_scores(a, weights, bias),
                                                          a.reshape(rows.shape[0], -1), down.flatten(0, 1), top_k)
         _count(counts, idx)
         return out
-    if gathered and few:
-        idx = route_by_activation(a.detach(), weights, bias, top_k)
-        _count(counts, idx)
-        picked = a.gather(1, idx.unsqueeze(-1).expand(-1, -1, width))
-        return (picked.unsqueeze(-1) * down[idx]).sum((1, 2))
-    if native_choice:
+    if native_choice and not (gathered and few):
         chosen = torch.ops.dscompile.top_mask(activation_scores(a, weights, bias), top_k)
         if counts is not None:
             counts.add_(chosen.sum(0).to(counts.dtype))
     else:
         idx = route_by_activation(a.detach(), weights, bias, top_k)
         _count(counts, idx)
+        if gathered and few:
+            picked = a.gather(1, idx.unsqueeze(-1).expand(-1, -1, width))
+            return (picked.unsqueeze(-1) * down[idx]).sum((1, 2))
         chosen = torch.zeros(rows.shape[0], n_routed, dtype=a.dtype, device=a.device).scatter(1, idx, 1.0)
     return F.linear((a * chosen.unsqueeze(-1)).view(-1, n_routed * width), down_t)
