@@ -90,7 +90,7 @@ def test_thin_linear_refuses_what_it_cannot_compute():
         torch.ops.dscompile.thin_linear(torch.randn(2, 8), torch.randn(3, 8), torch.randn(4))
 
 
-@pytest.mark.parametrize(("hidden", "width"), [(576, 1), (37, 3)])
+@pytest.mark.parametrize(("hidden", "width"), [(576, 1), (37, 3), (37, 5)])  # 5: runs of rows with tails
 def test_top_weighted_rows_chooses_the_top_experts_and_a_token_does_not_depend_on_the_others(hidden, width):
     """Each token's top k experts by score, in ascending order, and the sum of their neurons' rows weighted by the
     activations (MoE routed by activation), in an order that depends on nothing but the token: alone it computes
