@@ -119,6 +119,21 @@ def test_top_weighted_rows_chooses_the_top_experts_and_a_token_does_not_depend_o
         torch.ops.dscompile.top_weighted_rows(scores.double(), a, rows, k)
 
 
+def test_top_choice_is_exact_with_duplicates_negatives_and_signed_zeros():
+    """The radix selection against a stable sort: many equal scores (the lowest ids win), negative scores, and -0.0
+    equal to +0.0, for several k."""
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randint(-4, 5, (16, 300), generator=g).float() * 0.5
+    scores[0, ::2] = -0.0
+    scores[0, 1::2] = 0.0
+    for k in (1, 7, 150, 299, 300):
+        order = torch.sort(-scores, dim=1, stable=True).indices[:, :k]  # by score, then by id
+        expected = torch.zeros_like(scores).scatter(1, order, 1.0)
+        assert torch.equal(torch.ops.dscompile.top_mask(scores, k), expected)
+        idx = torch.ops.dscompile.top_weighted_rows(scores, torch.ones(16, 300), torch.ones(300, 4), k)[1]
+        assert torch.equal(idx, order.sort(1).values)
+
+
 def _attention_case(batch, heads, kv_heads, queries, slots, dim, v_dim, seed=0, masked=0.3):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, queries, heads, dim, generator=g).transpose(1, 2) * 2  # the layout decode steps pass
