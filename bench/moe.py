@@ -12,7 +12,9 @@ config through ``dscompile.optimize``: decode tokens/s at batch 1 and 8 (prompt 
 prefill tokens/s at 2048 tokens. A speed config ``n:s:k@N`` offloads the routed experts
 (``OptimizedModel.offload_experts(N)``: N per FFN in memory, the rest in files, the dense FFN weights paged out) and
 adds the expert cache's hit rate and reads per token; every worker records its RSS before loading the model, so peak
-minus that is the model's own memory.
+minus that is the model's own memory. Then each MoE worker times itself against the dense model in the same
+process, alternating call by call for ``--paired`` rounds (default 3): ``paired_*_ratio``, the figures to quote on
+a shared machine whose speed drifts between the workers.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import dataclasses
 import inspect
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -107,9 +110,10 @@ def _quality_row(row: dict, program: object, baseline: dict, docs: list, code: l
           f"MaxVio held-out {row['maxvio_heldout']:.3f}", flush=True)
 
 
-def speed_worker(config: MoEConfig | None, new: int, cache: int | None = None) -> dict:
+def speed_worker(config: MoEConfig | None, new: int, cache: int | None = None, paired: int = 0) -> dict:
     """Decode at batch 1 and 8 and prefill at 2048 tokens, for the dense model (``config`` None) or one MoE (its
-    routed experts offloaded with ``cache`` of them per FFN in memory, when given)."""
+    routed experts offloaded with ``cache`` of them per FFN in memory, when given), then ``paired`` rounds against
+    the dense model in the same process (:func:`paired_ratios`)."""
     from dscompile import optimize
     from dscompile.monitor import _proc_status_bytes
 
@@ -154,13 +158,42 @@ def speed_worker(config: MoEConfig | None, new: int, cache: int | None = None) -
     row["prefill_tokens_per_s"] = 2048 / runtime.monitor.last.time_to_first_token_s
     row["peak_memory_bytes_prefill"] = runtime.monitor.last.peak_memory_bytes
     row["peak_memory_bytes"] = max(v for k, v in row.items() if k.startswith("peak_memory_bytes_"))
+    if config is not None and cache is None and paired:
+        row.update(paired_ratios(runtime, docs, new, paired))
     return row
 
 
-def speed(specs: list[str], new: int) -> list[dict]:
+def paired_ratios(runtime: Runtime, docs: list[int], new: int, rounds: int) -> dict:
+    """Speed against the dense model in the same process, the two alternating call by call (``rounds`` times):
+    the ratios of the medians. The machines these runs share drift by 20-40% over the minutes between the
+    per-process figures; alternating cancels that. Run after the memory figures, so the peaks are not the dense
+    model's."""
+    from dscompile import optimize
+
+    dense = optimize(models.load("smollm2")[0], "none", example_inputs=torch.tensor([docs[:128]])).runtime()
+    calls = {f"decode_b{b}": (torch.tensor([docs[20_000 + i * 128:20_000 + (i + 1) * 128] for i in range(b)]), new)
+             for b in (1, 8)}
+    calls["prefill"] = (torch.tensor([docs[30_000:32_048]]), 1)
+    out = {}
+    for name, (prompts, tokens) in calls.items():
+        if tokens > 1:
+            dense.warm_up(prompts.shape[0], prompts.shape[1] + tokens)
+        speeds: dict[str, list[float]] = {"dense": [], "moe": []}
+        for _ in range(rounds + 1):  # the first round warms both up
+            for label, each in (("dense", dense), ("moe", runtime)):
+                each.generate(prompts, max_new_tokens=tokens, eos_token_id=[])
+                last = each.monitor.last
+                speeds[label].append(last.decode_tokens_per_s if tokens > 1 else 1 / last.time_to_first_token_s)
+        dense_median, moe_median = (statistics.median(speeds[k][1:]) for k in ("dense", "moe"))
+        out[f"paired_{name}_ratio"] = moe_median / dense_median
+    return out
+
+
+def speed(specs: list[str], new: int, paired: int) -> list[dict]:
     rows = []
     for spec in specs:
-        done = subprocess.run([sys.executable, __file__, "--speed-worker", spec, "--new", str(new)],
+        done = subprocess.run([sys.executable, __file__, "--speed-worker", spec, "--new", str(new),
+                               "--paired", str(paired)],
                               capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(f"speed worker {spec} failed:\n{done.stderr[-4000:]}")
@@ -185,18 +218,19 @@ def main() -> None:
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--out", default="bench/results/moe.json")
+    parser.add_argument("--paired", type=int, default=3, help="rounds of speed against dense in the same process")
     parser.add_argument("--speed-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.speed_worker is not None:
         config, cache = _speed_spec(args.speed_worker)
-        print(json.dumps(speed_worker(config, args.new, cache)))
+        print(json.dumps(speed_worker(config, args.new, cache, args.paired)))
         return
     configs = [_config(c) for c in args.configs.split(",") if "@" not in c]
     result: dict = {"machine": platform.platform(), "processor": platform.processor() or platform.machine()}
     if not args.skip_quality:
         result["quality"] = quality(configs, args)
     if args.speed:
-        result["speed"] = speed(["dense", *args.configs.split(",")], args.new)
+        result["speed"] = speed(["dense", *args.configs.split(",")], args.new, args.paired)
     write_result(Path(args.out), result)
 
 
