@@ -50,6 +50,17 @@ def _windows(ids: list[int], count: int) -> list[torch.Tensor]:
     return chunks
 
 
+def text_sets(tokenizer, calibration_windows: int, windows: int, held_after: int | None = None
+              ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Calibration windows from the start of Python's documentation topics; held-out documentation windows from
+    10,000 tokens after the first ``held_after`` windows (default: the calibration's); held-out Python source
+    (``inspect`` and ``typing``), another domain."""
+    docs = tokenizer(models.heldout_text())["input_ids"]
+    skip = (calibration_windows if held_after is None else held_after) * WINDOW + 10_000
+    code = tokenizer(inspect.getsource(inspect) + inspect.getsource(typing))["input_ids"]
+    return _windows(docs, calibration_windows), _windows(docs[skip:], windows), _windows(code, windows)
+
+
 def perplexity(program: CachedProgram, windows: list[torch.Tensor]) -> float:
     """Perplexity from the runtime program's prefill logits (the same evaluation as for any model)."""
     return evaluate.perplexity(lambda x: prefill_logits(program, x), windows)
@@ -144,12 +155,7 @@ def main() -> None:
         return
 
     model, tokenizer = models.load("smollm2")
-    docs = tokenizer(models.heldout_text())["input_ids"]
-    calib_tokens = args.calibration_windows * WINDOW
-    calibration = _windows(docs, args.calibration_windows)
-    held_docs = _windows(docs[calib_tokens + 10_000:], args.windows)
-    code = tokenizer(inspect.getsource(inspect) + inspect.getsource(typing))["input_ids"]
-    held_code = _windows(code, args.windows)
+    calibration, held_docs, held_code = text_sets(tokenizer, args.calibration_windows, args.windows)
 
     base = build_cached_program(model, logits="all")
     baseline = {"docs": perplexity(base, held_docs), "code": perplexity(base, held_code)}

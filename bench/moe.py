@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import platform
 import statistics
 import subprocess
 import sys
 import time
-import typing
 from pathlib import Path
 
 import torch
@@ -42,7 +40,7 @@ from dscompile.profile import MoEConfig, Profile
 from dscompile.runtime import Runtime
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mla import WINDOW, _windows, heal_row, perplexity, quality_row, write_result  # noqa: E402
+from mla import heal_row, perplexity, quality_row, text_sets, write_result  # noqa: E402
 
 
 def _config(text: str) -> MoEConfig:
@@ -69,11 +67,7 @@ def heldout_maxvio(plan: MoEPlan, inputs: dict[str, torch.Tensor]) -> float:
 
 def quality(configs: list[MoEConfig], args: argparse.Namespace) -> dict:
     model, tokenizer = models.load("smollm2")
-    docs = tokenizer(models.heldout_text())["input_ids"]
-    calibration = _windows(docs, args.calibration_windows)
-    held_docs = _windows(docs[args.calibration_windows * WINDOW + 10_000:], args.windows)
-    code = tokenizer(inspect.getsource(inspect) + inspect.getsource(typing))["input_ids"]
-    held_code = _windows(code, args.windows)
+    calibration, held_docs, held_code = text_sets(tokenizer, args.calibration_windows, args.windows)
     base = build_cached_program(model, logits="all")
     baseline = {"docs": perplexity(base, held_docs), "code": perplexity(base, held_code)}
     print(f"dense: docs {baseline['docs']:.3f}, code {baseline['code']:.3f}", flush=True)
@@ -110,6 +104,16 @@ def _quality_row(row: dict, program: object, baseline: dict, docs: list, code: l
           f"MaxVio held-out {row['maxvio_heldout']:.3f}", flush=True)
 
 
+def decode_prompts(docs: list[int], batch: int) -> torch.Tensor:
+    """``batch`` held-out prompts of 128 tokens for the decode figures."""
+    return torch.tensor([docs[20_000 + i * 128:20_000 + (i + 1) * 128] for i in range(batch)])
+
+
+def prefill_prompt(docs: list[int]) -> torch.Tensor:
+    """One held-out prompt of 2,048 tokens for the prefill figures."""
+    return torch.tensor([docs[30_000:32_048]])
+
+
 def speed_worker(config: MoEConfig | None, new: int, cache: int | None = None, paired: int = 0) -> dict:
     """Decode at batch 1 and 8 and prefill at 2048 tokens, for the dense model (``config`` None) or one MoE (its
     routed experts offloaded with ``cache`` of them per FFN in memory, when given), then ``paired`` rounds against
@@ -132,7 +136,7 @@ def speed_worker(config: MoEConfig | None, new: int, cache: int | None = None, p
                  "expert_cache": cache, "rss_process_base_bytes": base,
                  "rss_before_generate_bytes": _proc_status_bytes("VmRSS")}
     for batch in (1, 8):
-        prompts = torch.tensor([docs[20_000 + i * 128:20_000 + (i + 1) * 128] for i in range(batch)])
+        prompts = decode_prompts(docs, batch)
         row[f"decode_compile_s_b{batch}"] = runtime.warm_up(batch, 128 + new)
         misses = sum(s.misses for s in stores)
         runtime.generate(prompts, max_new_tokens=new, eos_token_id=[])
@@ -148,13 +152,12 @@ def speed_worker(config: MoEConfig | None, new: int, cache: int | None = None, p
         program = runtime.program
         uncounted = Runtime(dataclasses.replace(program, gm=without_counters(program.gm),
                                                 decode_gm=without_counters(program.decode_gm)))
-        prompts = torch.tensor([docs[20_000:20_128]])
+        prompts = decode_prompts(docs, 1)
         for name, each in (("uncounted", uncounted), ("counted", runtime)):
             each.generate(prompts, max_new_tokens=new, eos_token_id=[])  # warm-up (compiles the uncounted step)
             each.generate(prompts, max_new_tokens=new, eos_token_id=[])
             row[f"decode_tokens_per_s_b1_{name}"] = each.monitor.last.decode_tokens_per_s
-    prompt = torch.tensor([docs[30_000:32_048]])
-    runtime.generate(prompt, max_new_tokens=1, eos_token_id=[])
+    runtime.generate(prefill_prompt(docs), max_new_tokens=1, eos_token_id=[])
     row["prefill_tokens_per_s"] = 2048 / runtime.monitor.last.time_to_first_token_s
     row["peak_memory_bytes_prefill"] = runtime.monitor.last.peak_memory_bytes
     row["peak_memory_bytes"] = max(v for k, v in row.items() if k.startswith("peak_memory_bytes_"))
@@ -171,9 +174,8 @@ def paired_ratios(runtime: Runtime, docs: list[int], new: int, rounds: int) -> d
     from dscompile import optimize
 
     dense = optimize(models.load("smollm2")[0], "none", example_inputs=torch.tensor([docs[:128]])).runtime()
-    calls = {f"decode_b{b}": (torch.tensor([docs[20_000 + i * 128:20_000 + (i + 1) * 128] for i in range(b)]), new)
-             for b in (1, 8)}
-    calls["prefill"] = (torch.tensor([docs[30_000:32_048]]), 1)
+    calls = {f"decode_b{b}": (decode_prompts(docs, b), new) for b in (1, 8)}
+    calls["prefill"] = (prefill_prompt(docs), 1)
     out = {}
     for name, (prompts, tokens) in calls.items():
         if tokens > 1:

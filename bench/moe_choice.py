@@ -23,10 +23,8 @@ not dscompile's rewrite, whose ``exact`` figures are in ``bench/moe.py``'s activ
 from __future__ import annotations
 
 import argparse
-import inspect
 import platform
 import sys
-import typing
 from pathlib import Path
 
 import torch
@@ -34,7 +32,7 @@ import torch
 from dscompile import evaluate, models
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mla import WINDOW, _windows, write_result  # noqa: E402
+from mla import text_sets, write_result  # noqa: E402
 
 
 def whitened_factors(weight: torch.Tensor, cov: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,10 +97,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/moe_choice.json")
     args = parser.parse_args()
     model, tokenizer = models.load("smollm2")
-    docs = tokenizer(models.heldout_text())["input_ids"]
-    calibration = _windows(docs, 16)
-    held = {"docs": _windows(docs[64 * WINDOW + 10_000:], 6),
-            "code": _windows(tokenizer(inspect.getsource(inspect) + inspect.getsource(typing))["input_ids"], 6)}
+    calibration, held_docs, held_code = text_sets(tokenizer, 16, 6, held_after=64)  # the quality tables' held-out sets
+    held = {"docs": held_docs, "code": held_code}
     probe = ChoiceProbe([layer.mlp for layer in model.model.layers])
     probe.rule = "record"
     for window in calibration:
