@@ -142,11 +142,17 @@ def _routed(rows: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, experts
             a = act(g if gate_bias is None else g + gate_bias[idx]) * u
         out = (a.unsqueeze(-1) * down[idx]).sum((1, 2))
     else:
-        a = routed_activations(rows, experts, activation)
-        chosen = torch.zeros(rows.shape[0], n_routed, dtype=a.dtype, device=a.device).scatter(1, idx, weight)
-        a = (a.view(-1, n_routed, width) * chosen.unsqueeze(-1)).view(-1, n_routed * width)
-        out = F.linear(a, down_t)
+        a = routed_activations(rows, experts, activation).view(-1, n_routed, width)
+        out = _masked(a, torch.zeros(rows.shape[0], n_routed, dtype=a.dtype, device=a.device).scatter(1, idx, weight),
+                      down_t)
     return out
+
+
+def _masked(a: torch.Tensor, chosen: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
+    """The masked formulation: every routed neuron's activation (``a`` ``[tokens, R, m]``) weighted by its expert's
+    entry of ``chosen`` (``[tokens, R]``, zero for the experts a token did not choose), through all routed down
+    weights at once."""
+    return F.linear((a * chosen.unsqueeze(-1)).view(a.shape[0], -1), down_t)
 
 
 def routed_activations(rows: torch.Tensor, experts: tuple, activation: str) -> torch.Tensor:
@@ -190,4 +196,4 @@ def _routed_by_activation(rows: torch.Tensor, experts: tuple, down_t: torch.Tens
             picked = a.gather(1, idx.unsqueeze(-1).expand(-1, -1, width))
             return (picked.unsqueeze(-1) * down[idx]).sum((1, 2))
         chosen = torch.zeros(rows.shape[0], n_routed, dtype=a.dtype, device=a.device).scatter(1, idx, 1.0)
-    return F.linear((a * chosen.unsqueeze(-1)).view(-1, n_routed * width), down_t)
+    return _masked(a, chosen, down_t)
