@@ -120,6 +120,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", default="0.75,0.5,0.25")
     parser.add_argument("--v-weight", type=float, default=1.0)
+    parser.add_argument("--shrinkage", type=float, default=MLAConfig.shrinkage,
+                        help="pull of the whitening covariance toward its diagonal (MLAConfig.shrinkage)")
     parser.add_argument("--mode", default="reconstruct", choices=("reconstruct", "absorb"))
     parser.add_argument("--ranks", default="uniform", choices=("uniform", "sensitivity"),
                         help="how the KV budget is split over the layers (MLAConfig.ranks)")
@@ -176,7 +178,8 @@ def main() -> None:
                 if args.ranks == "sensitivity" else make_plan(config, program.matches.attention, grams, tokens))
         plan.apply(program)
         build_s = time.perf_counter() - start
-        row = {"kv_ratio": ratio, "mode": args.mode, "v_weight": args.v_weight, "rank_allocation": args.ranks,
+        row = {"kv_ratio": ratio, "mode": args.mode, "v_weight": args.v_weight, "shrinkage": args.shrinkage,
+               "rank_allocation": args.ranks,
                "kv_bytes_per_token":
                program.cache_bytes_per_token(), "factorize_s": build_s, "ranks": list(plan.ranks().values())}
         if args.mode == "absorb":
@@ -206,7 +209,7 @@ def main() -> None:
 
 def _config(ratio: float, args: argparse.Namespace) -> MLAConfig | None:
     return MLAConfig(ratio, args.mode, v_weight=args.v_weight, rope_dims=args.rope_dims,
-                     ranks=args.ranks) if ratio else None
+                     ranks=args.ranks, shrinkage=args.shrinkage) if ratio else None
 
 
 def write_result(out: Path, data: dict) -> None:

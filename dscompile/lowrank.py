@@ -6,6 +6,14 @@ the error on outputs for the inputs the layer sees. With ``C = E[x x^T] = S S^T`
 ``E||(W - W_r) x||^2 = ||(W - W_r) S||_F^2``, so the best rank-``r`` fit is the truncated SVD of ``W S`` mapped back
 by ``S^{-1}`` (the whitened SVD of SVD-LLM and Palu). Weighting V's rows by ``v_weight`` before the SVD trades K
 accuracy for V accuracy (V errors reach the output directly; K errors pass through the softmax).
+
+The projection's output error is not the model's loss, though (a likely reason: a few channels of a transformer's
+hidden state carry very large, correlated variance, and the fully whitened fit spends the latent on them). Shrinking
+the covariance toward its own diagonal, ``(1 - a) C + a diag(C)`` (as in Ledoit-Wolf estimation), keeps each
+channel's scale and discounts the correlations. On SmolLM2 at a 50% KV cut, ``a = 0.1`` took perplexity from +6.1%
+to +0.4% on held-out documentation and from +15.9% to +6.9% on code, training-free. On the calibration windows
+themselves it went from +8.1% to +0.8%, so the gain is a better objective, not less overfitting
+(docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -36,21 +44,27 @@ class JointFactors:
         return [up @ self.down for up in self.ups]
 
 
-def whitening(covariance: torch.Tensor, damping: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """``S`` with ``S S^T = C + damping * mean(diag C) * I`` and its inverse (float64)."""
+def whitening(covariance: torch.Tensor, damping: float = 1e-6, shrinkage: float = 0.0
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``S`` with ``S S^T = (1 - shrinkage) C + shrinkage diag(C) + damping * mean(diag C) * I`` and its inverse
+    (float64)."""
+    if not 0.0 <= shrinkage <= 1.0:
+        raise ConfigError(f"shrinkage must be in [0, 1], got {shrinkage}")
     c = covariance.to(torch.float64)
+    c = (1.0 - shrinkage) * c + shrinkage * torch.diag(c.diagonal())
     c = c + damping * c.diagonal().mean().clamp_min(1e-30) * torch.eye(c.shape[0], dtype=c.dtype)
     s = torch.linalg.cholesky(c)
     return s, torch.linalg.solve_triangular(s, torch.eye(s.shape[0], dtype=s.dtype), upper=False)
 
 
 def joint_factorize(weights: Sequence[torch.Tensor], rank: int, covariance: torch.Tensor | None = None, *,
-                    scales: Sequence[float] | None = None) -> JointFactors:
+                    scales: Sequence[float] | None = None, shrinkage: float = 0.0) -> JointFactors:
     """Factor the row-stack of ``weights`` (each ``[out_i, in]``, nn.Linear layout) through one ``rank``-wide latent.
 
     ``covariance`` (``[in, in]``, from calibration) makes the fit activation-aware; without it the fit is the plain
-    SVD. ``scales`` weights each block's rows in the fit (e.g. ``(1.0, 2.0)`` to favour V). At ``rank`` equal to the
-    stack's full rank the factors reproduce the weights exactly (to float rounding).
+    SVD. ``scales`` weights each block's rows in the fit (e.g. ``(1.0, 2.0)`` to favour V); ``shrinkage`` pulls the
+    covariance toward its diagonal (see the module docstring). At ``rank`` equal to the stack's full rank the factors
+    reproduce the weights exactly (to float rounding), whatever the covariance.
     """
     if not weights:
         raise ConfigError("joint_factorize needs at least one weight")
@@ -70,7 +84,7 @@ def joint_factorize(weights: Sequence[torch.Tensor], rank: int, covariance: torc
     else:
         if tuple(covariance.shape) != (width, width):
             raise ConfigError(f"covariance must be [{width}, {width}], got {tuple(covariance.shape)}")
-        s_mat, s_inv = whitening(covariance)
+        s_mat, s_inv = whitening(covariance, shrinkage=shrinkage)
     u, sigma, vh = torch.linalg.svd(stack @ s_mat, full_matrices=False)
     root = sigma[:rank].sqrt()
     up = u[:, :rank] * root

@@ -41,6 +41,7 @@ class MLAConfig:
     v_weight: float = 1.0  # weight of V's rows against K's in the joint factorization
     rope_dims: int | None = None  # absorb mode: rotary dims kept per KV head (None: see mla_rope.default_rope_dims)
     ranks: str = "uniform"  # "uniform": the budget split evenly; "sensitivity": by each layer's measured error
+    shrinkage: float = 0.2  # pull of the whitening covariance toward its diagonal: 0 = full whitening, 1 = scales only
 
     def __post_init__(self) -> None:
         if self.ranks not in ("uniform", "sensitivity"):
@@ -51,6 +52,9 @@ class MLAConfig:
             raise ConfigError(f"mla.refine_minutes must be positive, got {self.refine_minutes}")
         if not self.v_weight > 0:
             raise ConfigError(f"mla.v_weight must be positive, got {self.v_weight}")
+        if not 0.0 <= self.shrinkage <= 1.0:
+            raise ConfigError(f"mla.shrinkage must be in [0, 1] (0: full whitening, 1: per-channel scales only), got "
+                              f"{self.shrinkage}")
         if self.rope_mode not in ("reconstruct", "absorb"):
             raise ConfigError(f"mla.rope_mode must be 'reconstruct' or 'absorb', got {self.rope_mode!r}")
         if self.rope_dims is not None and (self.rope_dims < 0 or self.rope_dims % 2):

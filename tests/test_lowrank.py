@@ -73,6 +73,35 @@ def test_whitening_inverts_and_survives_a_singular_covariance():
     torch.testing.assert_close(s @ s_inv, torch.eye(9, dtype=torch.float64), rtol=0, atol=1e-6)
 
 
+def test_shrinkage_keeps_full_rank_exact_and_at_one_whitens_by_channel_scales_alone():
+    k, v = _kv()
+    x = _correlated_inputs()
+    cov = x.T @ x / len(x)
+    for shrinkage in (0.3, 1.0):
+        k_r, v_r = joint_factorize([k, v], rank=12, covariance=cov, shrinkage=shrinkage).reconstruct()
+        torch.testing.assert_close(torch.cat([k_r, v_r]), torch.cat([k, v]), rtol=1e-8, atol=1e-8)
+    s, _ = whitening(cov, damping=0.0, shrinkage=1.0)
+    torch.testing.assert_close(s, torch.diag(cov.diagonal().sqrt()), rtol=1e-12, atol=0)
+    half, _ = whitening(cov, damping=0.0, shrinkage=0.5)
+    torch.testing.assert_close(half @ half.T, 0.5 * cov + 0.5 * torch.diag(cov.diagonal()), rtol=1e-10, atol=1e-12)
+
+
+def test_shrinkage_trades_calibration_fit_for_channel_balance():
+    """Full whitening is the optimum on the calibration inputs; shrinking costs there, by an amount that grows."""
+    k, v = _kv()
+    x = _correlated_inputs()
+    cov, stack = x.T @ x / len(x), torch.cat(_kv())
+    errors = [_output_error(stack, torch.cat(joint_factorize([k, v], rank=4, covariance=cov,
+                                                             shrinkage=a).reconstruct()), x) for a in (0.0, 0.2, 1.0)]
+    assert errors[0] < errors[1] < errors[2]
+
+
+@pytest.mark.parametrize("shrinkage", [-0.1, 1.5])
+def test_shrinkage_outside_zero_one_is_refused(shrinkage):
+    with pytest.raises(ConfigError, match="shrinkage must be in"):
+        whitening(torch.eye(3), shrinkage=shrinkage)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"rank": 0}, "rank 0 is outside"),
     ({"rank": 13}, "rank 13 is outside"),

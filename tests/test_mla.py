@@ -10,9 +10,11 @@ from zoo import ZOO, built
 
 from dscompile import ConfigError
 from dscompile.evaluate import logits_of
+from dscompile.lowrank import joint_factorize
 from dscompile.passes import mla
 from dscompile.passes.kv_cache import build_cached_program
-from dscompile.passes.mla_plan import unfuse_program
+from dscompile.passes.mla_plan import make_plan, unfuse_program
+from dscompile.profile import MLAConfig
 from dscompile.runtime import Runtime
 
 
@@ -65,6 +67,23 @@ def test_calibration_counts_every_prompt_token_and_whitening_fits_better():
         return float((chunked_logits(p, x) - reference).pow(2).mean())
 
     assert error(True) < error(False)
+
+
+@pytest.mark.parametrize("shrinkage", [0.0, 0.5])
+def test_the_profiles_shrinkage_is_the_one_the_plan_whitens_with(shrinkage):
+    model = tiny_llama()
+    batches = [torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    program = build_cached_program(model)
+    attentions = unfuse_program(program)
+    grams = mla.calibrate(program, batches)
+    plan = make_plan(MLAConfig(kv_ratio=0.25, shrinkage=shrinkage), attentions, grams, 144, warn=False)
+    attn, layer = attentions[0], next(iter(plan.factors.values()))
+    direct = joint_factorize([attn.k.weight.tensor, attn.v.weight.tensor], layer.rank, grams[0].covariance(),
+                             shrinkage=shrinkage)
+    torch.testing.assert_close(layer.down.detach(), direct.down)
+    other = joint_factorize([attn.k.weight.tensor, attn.v.weight.tensor], layer.rank, grams[0].covariance(),
+                            shrinkage=0.5 - shrinkage)
+    assert not torch.allclose(layer.down.detach(), other.down, atol=1e-3)
 
 
 def test_ranks_given_per_layer_and_bad_requests():

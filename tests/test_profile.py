@@ -24,6 +24,7 @@ def test_unknown_preset_lists_the_presets():
     (lambda: MLAConfig(kv_ratio=1.0), "kv_ratio must be in"),
     (lambda: MLAConfig(kv_ratio=0.0), "kv_ratio must be in"),
     (lambda: MLAConfig(rope_mode="spin"), "rope_mode"),
+    (lambda: MLAConfig(shrinkage=1.2), "mla.shrinkage must be in"),
     (lambda: MoEConfig(n_experts=1), "n_experts must be at least 2"),
     (lambda: MoEConfig(n_experts=8, n_shared=8), "n_shared"),
     (lambda: MoEConfig(n_experts=8, n_shared=2, top_k=7), "top_k must be between 1 and the routed expert count 6"),

@@ -73,21 +73,23 @@ def unsupported_reason(attn: AttentionMatch) -> str | None:
 
 def factorize(program: CachedProgram, grams: dict[int, Gram] | None, kv_ratio: float, *,
               v_weight: float = 1.0, strategy: str = "uniform", ranks: Sequence[int] | None = None,
-              ) -> dict[int, JointFactors]:
+              shrinkage: float = 0.0) -> dict[int, JointFactors]:
     """Joint K/V factors for the program's layers (see :func:`factorize_attention`)."""
     return factorize_attention(program.matches.attention, grams, kv_ratio, v_weight=v_weight, strategy=strategy,
-                               ranks=ranks)
+                               ranks=ranks, shrinkage=shrinkage)
 
 
 def factorize_attention(attentions: Sequence[AttentionMatch], grams: dict[int, Gram] | None, kv_ratio: float, *,
                         v_weight: float = 1.0, strategy: str = "uniform", ranks: Sequence[int] | None = None,
-                        rope_dims: dict[int, tuple[int, ...]] | None = None) -> dict[int, JointFactors]:
+                        rope_dims: dict[int, tuple[int, ...]] | None = None, shrinkage: float = 0.0
+                        ) -> dict[int, JointFactors]:
     """Joint K/V factors for every layer that can take a latent (by index in ``attentions``), with ranks from a
     global budget of ``kv_ratio`` of those layers' cached values, or ``ranks`` given per layer.
 
     ``rope_dims`` (absorb mode) names, per layer, the head dimensions whose keys stay rotary and are cached as they
     are: those K rows are left out of the factorization (``ups[0]`` holds the other rows, head by head) and their
-    cached values come out of the budget."""
+    cached values come out of the budget. ``shrinkage`` pulls each calibration covariance toward its diagonal before
+    the whitening (:func:`dscompile.lowrank.whitening`)."""
     full: dict[int, JointFactors] = {}
     reserved = 0
     for i, attn in enumerate(attentions):
@@ -98,7 +100,8 @@ def factorize_attention(attentions: Sequence[AttentionMatch], grams: dict[int, G
             k = k[plain_rows(attn, rope_dims[i])]
             reserved += attn.n_kv_heads * len(rope_dims[i])
         width = min(k.shape[0] + v.shape[0], k.shape[1])
-        full[i] = joint_factorize([k, v], width, layer_covariance(grams, i), scales=(1.0, v_weight))
+        full[i] = joint_factorize([k, v], width, layer_covariance(grams, i), scales=(1.0, v_weight),
+                                  shrinkage=shrinkage)
     if not full:
         return {}
     if ranks is None:

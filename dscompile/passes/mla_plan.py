@@ -134,7 +134,8 @@ def make_plan(config: MLAConfig, attentions: Sequence[AttentionMatch], grams: di
                                     if config.rope_dims is None else config.rope_dims)
                 for i, a in enumerate(attentions) if plan.reason(a) is None}
     factors = mla.factorize_attention(attentions, grams, 1.0 if full_rank else config.kv_ratio,
-                                      v_weight=config.v_weight, ranks=ranks, rope_dims=rope)
+                                      v_weight=config.v_weight, ranks=ranks, rope_dims=rope,
+                                      shrinkage=config.shrinkage)
     for i, attn in enumerate(attentions):
         reason = plan.reason(attn)
         if reason is not None:
