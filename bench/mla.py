@@ -19,6 +19,7 @@ prefill seconds and decode tokens/s, with ratios against the full cache.
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import json
 import platform
@@ -59,6 +60,16 @@ def text_sets(tokenizer, calibration_windows: int, windows: int, held_after: int
     skip = (calibration_windows if held_after is None else held_after) * WINDOW + 10_000
     code = tokenizer(inspect.getsource(inspect) + inspect.getsource(typing))["input_ids"]
     return _windows(docs, calibration_windows), _windows(docs[skip:], windows), _windows(code, windows)
+
+
+CALIBRATION_CODE = ("argparse", "collections", "dataclasses", "enum", "functools", "pathlib", "textwrap", "tempfile")
+"""Standard-library modules whose source may join the calibration text; never the held-out ``inspect``/``typing``."""
+
+
+def code_windows(tokenizer, count: int) -> list[torch.Tensor]:
+    """``count`` windows of Python source from :data:`CALIBRATION_CODE`, for calibrating on both kinds of text."""
+    source = "\n\n".join(inspect.getsource(importlib.import_module(name)) for name in CALIBRATION_CODE)
+    return _windows(tokenizer(source)["input_ids"], count)
 
 
 def perplexity(program: CachedProgram, windows: list[torch.Tensor]) -> float:
@@ -137,6 +148,9 @@ def main() -> None:
     parser.add_argument("--refine-weights", default="fisher", choices=("fisher", "none"),
                         help="weight each channel's refinement error by the original's loss sensitivity (the library's "
                              "choice) or not")
+    parser.add_argument("--calibration-code", type=int, default=0,
+                        help="of the calibration windows, this many are Python source of other modules than the "
+                             "held-out code (the held-out sets stay the same)")
     parser.add_argument("--heal-generated", type=int, default=0,
                         help="also heal on this many tokens the original model samples itself")
     parser.add_argument("--out", default="bench/results/mla.json")
@@ -157,7 +171,10 @@ def main() -> None:
         return
 
     model, tokenizer = models.load("smollm2")
-    calibration, held_docs, held_code = text_sets(tokenizer, args.calibration_windows, args.windows)
+    calibration, held_docs, held_code = text_sets(tokenizer, args.calibration_windows - args.calibration_code,
+                                                  args.windows, held_after=args.calibration_windows)
+    if args.calibration_code:
+        calibration = interleave(calibration, code_windows(tokenizer, args.calibration_code))
 
     base = build_cached_program(model, logits="all")
     baseline = {"docs": perplexity(base, held_docs), "code": perplexity(base, held_code)}
@@ -204,6 +221,7 @@ def main() -> None:
     write_result(Path(args.out), {"machine": platform.platform(), "baseline": baseline,
                             "baseline_kv_bytes_per_token": base.cache_bytes_per_token(),
                             "calibration_tokens": len(calibration) * WINDOW, "calibrate_s": calibrate_s,
+                            "calibration_code_windows": args.calibration_code,
                             "rows": rows, "long": long_rows})
 
 
