@@ -160,6 +160,9 @@ def main() -> None:
     parser.add_argument("--skip-quality", action="store_true", help="only the --long run")
     parser.add_argument("--long-worker", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not 0 <= args.calibration_code < args.calibration_windows:
+        parser.error(f"--calibration-code must be in [0, --calibration-windows) = [0, {args.calibration_windows}), "
+                     f"got {args.calibration_code}")
     if args.long_worker is not None:
         print(json.dumps(long_worker(args.long_worker, args.long, args.long_batch, args.long_new,
                                      _config(args.long_worker, args))))
